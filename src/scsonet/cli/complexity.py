@@ -1,0 +1,21 @@
+"""``scsonet complexity``: exact parameters and MACs of one model, and the paper's convention."""
+from __future__ import annotations
+
+import json
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("complexity", help="parameters and multiply-accumulates of a model")
+    p.add_argument("--model", default="scsonet", help="registered model name (scsonet)")
+    p.add_argument("--size", type=int, default=256, help="square input side (256)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..complexity import format_complexity, measure
+    from ..models import create_model
+
+    result = measure(args.model, create_model(args.model), args.size)
+    print(json.dumps(result.to_dict(), indent=2) if args.json else format_complexity(result))
+    return 0

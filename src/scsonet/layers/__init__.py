@@ -1,0 +1,14 @@
+"""Reusable blocks, one paper per file; models import from ``scsonet.layers`` only."""
+from .ema import EMA
+from .helpers import LayerType, get_act_layer, largest_divisor_at_most
+from .odconv import ODConv2d, ODConvAttention
+from .pconv import PConv
+from .sc_att_bridge import ChannelAttentionBridge, SCAttentionBridge, SpatialAttentionBridge
+from .scconv import CRU, GATES, SCConv, SRU
+from .scf import SCFBlock
+
+__all__ = [
+    "EMA", "LayerType", "get_act_layer", "largest_divisor_at_most", "ODConv2d", "ODConvAttention", "PConv",
+    "ChannelAttentionBridge", "SCAttentionBridge", "SpatialAttentionBridge", "CRU", "GATES", "SCConv",
+    "SRU", "SCFBlock",
+]

@@ -1,0 +1,106 @@
+"""Named pretrained weights that carry their preprocessing and metadata (torchvision style).
+
+Weight files ship inside the package (``scsonet/weights/<name>.safetensors``) next to a model
+card (``<name>.json``) that holds the preprocessing, the recipe and the measured test metrics.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from enum import Enum
+from functools import cached_property
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch.nn as nn
+
+from ..errors import ScsonetError
+from ..transforms import SegmentationPreset
+
+WEIGHTS_PACKAGE = "scsonet.weights"
+
+
+@dataclass(frozen=True, eq=False)
+class Weights:
+    """One set of weights: ``filename`` in the package's ``weights/`` folder, plus its card."""
+
+    filename: str
+    arch: str
+    default_meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def path(self) -> Path:
+        return Path(str(resources.files(WEIGHTS_PACKAGE).joinpath(self.filename)))
+
+    @property
+    def card_path(self) -> Path:
+        return self.path.with_suffix(".json")
+
+    @cached_property
+    def meta(self) -> dict[str, Any]:
+        """The model card: preprocessing, recipe, metrics. Empty until the weights are trained."""
+        card = self.card_path
+        meta = dict(self.default_meta)
+        if card.exists():
+            meta.update(json.loads(card.read_text()))
+        return meta
+
+    @property
+    def transforms(self) -> SegmentationPreset:
+        pre = self.meta.get("preprocessing")
+        if pre is None:
+            raise ScsonetError(f"weights {self.filename} have no model card at {self.card_path}")
+        return SegmentationPreset.from_stats(pre["mean"], pre["std"], pre["resize_size"])
+
+
+class WeightsEnum(Enum):
+    """Base of each architecture's weights enum: members named DATASET_VERSION, plus DEFAULT."""
+
+    @classmethod
+    def verify(cls, obj):
+        """Turn a member, its name (``'ISIC2017_V1'``) or None into a member or None."""
+        if obj is None or isinstance(obj, cls):
+            return obj
+        if isinstance(obj, str):
+            key = obj.split(".")[-1].upper().replace("-", "_")
+            if key in cls.__members__:
+                return cls[key]
+            raise ScsonetError(f"unknown weights {obj!r} for {cls.__name__}; choose from {list(cls.__members__)}")
+        raise TypeError(f"weights must be a {cls.__name__}, a name or None, not {type(obj).__name__}")
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        return self.value.meta
+
+    @property
+    def transforms(self) -> SegmentationPreset:
+        return self.value.transforms
+
+    @property
+    def path(self) -> Path:
+        return self.value.path
+
+    def override_model_args(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Model arguments from the card; a conflicting caller value is an error."""
+        merged = dict(kwargs)
+        for key, value in self.meta.get("model_args", {}).items():
+            if key in kwargs and kwargs[key] != value:
+                raise ScsonetError(f"weights {self.name} need {key}={value!r}, got {kwargs[key]!r}")
+            merged[key] = value
+        return merged
+
+
+def load_weights_into(model: nn.Module, weights: WeightsEnum) -> None:
+    """Load a weights member's safetensors file into ``model`` (strict)."""
+    from safetensors.torch import load_file
+
+    path = weights.path
+    if not path.exists():
+        raise ScsonetError(f"weights file {path} is missing from the installed package")
+    model.load_state_dict(load_file(str(path)), strict=True)
+
+
+class SCSONet_Weights(WeightsEnum):
+    ISIC2017_V1 = Weights("scsonet_isic2017_v1.safetensors", "scsonet")
+    DEFAULT = ISIC2017_V1
