@@ -1,6 +1,27 @@
-"""SCSONet: lightweight skin-lesion segmentation."""
-from .errors import ScsonetError
-from .models import SCSONet, SCSONet_Weights, create_model, list_models
+"""SCSONet: lightweight skin-lesion segmentation.
+
+Public names are imported lazily, so that torch-free submodules (the ONNX Runtime path) can be
+used without PyTorch installed.
+"""
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
-__all__ = ["ScsonetError", "SCSONet", "SCSONet_Weights", "create_model", "list_models", "__version__"]
+
+_LAZY = {
+    "ScsonetError": "scsonet.errors",
+    "SCSONet": "scsonet.models",
+    "SCSONet_Weights": "scsonet.models",
+    "create_model": "scsonet.models",
+    "list_models": "scsonet.models",
+    "load_model": "scsonet.models",
+    "load_pretrained": "scsonet.models",
+}
+__all__ = [*_LAZY, "__version__"]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'scsonet' has no attribute {name!r}")
