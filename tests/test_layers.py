@@ -1,0 +1,98 @@
+"""Each block alone: shapes, and a tiny check of its defining equation."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from scsonet.layers import CRU, EMA, SRU, ODConv2d, PConv, SCAttentionBridge, SCConv, SCFBlock
+
+
+def test_odconv_with_neutral_attention_is_a_plain_convolution():
+    torch.manual_seed(0)
+    conv = ODConv2d(4, 6, 3).eval()
+    att = conv.attention
+    for head in (att.channel_fc, att.filter_fc, att.spatial_fc):
+        torch.nn.init.zeros_(head.weight)
+        torch.nn.init.constant_(head.bias, 50.0)  # sigmoid(50) == 1: every attention is neutral
+    x = torch.randn(3, 4, 9, 11)
+    expected = F.conv2d(x, conv.weight[0], padding=1)
+    assert torch.allclose(conv(x), expected, atol=1e-5)
+
+
+def test_odconv_spatial_attention_scales_kernel_positions():
+    torch.manual_seed(0)
+    conv = ODConv2d(2, 2, 3).eval()
+    att = conv.attention
+    for head in (att.channel_fc, att.filter_fc):
+        torch.nn.init.zeros_(head.weight)
+        torch.nn.init.constant_(head.bias, 50.0)
+    torch.nn.init.zeros_(att.spatial_fc.weight)
+    torch.nn.init.zeros_(att.spatial_fc.bias)  # sigmoid(0) = 0.5 at every kernel position
+    x = torch.randn(1, 2, 8, 8)
+    assert torch.allclose(conv(x), 0.5 * F.conv2d(x, conv.weight[0], padding=1), atol=1e-5)
+
+
+@pytest.mark.parametrize("kernel_num", [1, 4])
+def test_odconv_shapes_and_heads(kernel_num):
+    conv = ODConv2d(8, 16, 3, kernel_num=kernel_num)
+    assert conv(torch.randn(2, 8, 16, 16)).shape == (2, 16, 16, 16)
+    assert (conv.attention.kernel_fc is not None) == (kernel_num > 1)
+
+
+def test_sru_soft_gate_equation():
+    torch.manual_seed(0)
+    sru = SRU(4, group_num=2)
+    x = torch.randn(2, 4, 5, 5)
+    gamma = sru.gn.weight
+    w = torch.sigmoid(sru.gn(x) * (gamma / gamma.sum()).view(1, -1, 1, 1))
+    w1 = torch.where(w > 0.5, torch.ones_like(w), w)
+    w2 = torch.where(w > 0.5, torch.zeros_like(w), w)
+    x1, x2 = w1 * x, w2 * x
+    expected = torch.cat([x1[:, :2] + x2[:, 2:], x1[:, 2:] + x2[:, :2]], dim=1)
+    assert torch.allclose(sru(x), expected)
+
+
+def test_sru_rejects_unknown_gate_and_odd_channels():
+    with pytest.raises(ValueError, match="gate"):
+        SRU(4, gate="fuzzy")
+    with pytest.raises(ValueError, match="even"):
+        SRU(5)
+
+
+def test_cru_fusion_weights_sum_to_one():
+    cru = CRU(8)
+    x = torch.randn(2, 8, 6, 6)
+    assert cru(x).shape == x.shape
+    assert SCConv(8)(x).shape == x.shape
+
+
+def test_pconv_passes_the_second_half_through():
+    pconv = PConv(8)
+    x = torch.randn(2, 8, 7, 7)
+    y = pconv(x)
+    assert torch.equal(y[:, 4:], x[:, 4:])
+    assert torch.allclose(y[:, :4], pconv.conv(x[:, :4]))
+
+
+def test_ema_keeps_shape_and_gates_input():
+    torch.manual_seed(0)
+    ema = EMA(16)
+    x = torch.rand(2, 16, 8, 12) + 0.1
+    y = ema(x)
+    assert y.shape == x.shape
+    ratio = y / x  # the output is the input times a sigmoid weight in (0, 1)
+    assert ((ratio > 0) & (ratio < 1)).all()
+    with pytest.raises(ValueError, match="divisible"):
+        EMA(12)
+
+
+def test_bridge_keeps_every_stage_shape():
+    channels = [8, 16, 24, 32, 48]
+    feats = [torch.randn(2, c, 64 >> i, 64 >> i) for i, c in enumerate(channels)]
+    out = SCAttentionBridge(channels)(feats)
+    assert [o.shape for o in out] == [f.shape for f in feats]
+
+
+@pytest.mark.parametrize("decoder", [False, True])
+def test_scf_block_changes_channels(decoder):
+    block = SCFBlock(24, 32, decoder=decoder)
+    assert block(torch.randn(2, 24, 16, 16)).shape == (2, 32, 16, 16)
