@@ -1,0 +1,212 @@
+"""Evaluate a model on a prepared split: pooled and per-image metrics, HD95, optional flip TTA.
+
+Images are normalised with the WEIGHTS' preset (the mean/std the model was trained with), never
+with statistics of the evaluated data. Metrics are computed at the resolution of the prepared
+masks; if the preset resizes the images, the probabilities are resized back (bilinear) first.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import math
+from pathlib import Path
+from typing import Any, Protocol, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ._device import resolve_device
+from ._io import write_json_atomic, write_text_atomic
+from .errors import ScsonetError
+from .metrics import MetricAccumulator, per_image_metrics, per_image_scores, pooled_metrics, summarize_hd95
+from .models import LoadedModel
+from .transforms import SegmentationPreset
+
+__all__ = ["evaluate", "format_report", "predict_probs", "write_report", "REPORT_NAME", "PER_IMAGE_NAME"]
+
+REPORT_NAME = "report.json"
+PER_IMAGE_NAME = "per_image.csv"
+PER_IMAGE_COLUMNS = ("id", "dice", "iou", "hd95", "tp", "fp", "fn", "tn")
+
+# Flip axes of the test-time augmentation: identity, horizontal, vertical, both. Each is its own inverse.
+TTA_FLIPS: tuple[tuple[int, ...], ...] = ((), (-1,), (-2,), (-2, -1))
+
+
+class SplitLike(Protocol):
+    """What ``evaluate`` reads from ``scsonet.data.SplitArrays``."""
+
+    images: np.ndarray  # uint8 (N, 3, H, W)
+    masks: np.ndarray  # uint8 (N, 1, H, W), {0, 1}
+    ids: Sequence[str]
+
+
+PresetLike = Union[SegmentationPreset, tuple[Sequence[float], Sequence[float]], None]
+
+
+def predict_probs(model: nn.Module, x: torch.Tensor, tta: bool = False) -> torch.Tensor:
+    """Sigmoid probabilities of normalised images ``x`` (N, 3, H, W) -> (N, 1, H, W) float32.
+
+    With ``tta``, the mean of the probabilities over the four flips, each flipped back.
+    """
+    flips = TTA_FLIPS if tta else TTA_FLIPS[:1]
+    return sum(_flip(torch.sigmoid(model(_flip(x, dims)).float()), dims) for dims in flips) / len(flips)
+
+
+def _flip(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    return x.flip(dims) if dims else x
+
+
+def _as_preset(preset: PresetLike, size: tuple[int, int]) -> SegmentationPreset:
+    if isinstance(preset, SegmentationPreset):
+        return preset
+    if preset is None:
+        raise ValueError("evaluate needs the weights' preprocessing: a SegmentationPreset or (mean, std)")
+    mean, std = preset
+    return SegmentationPreset.from_stats(mean, std, size)
+
+
+def _protocol(meta: dict[str, Any]) -> str | None:
+    """The training protocol ("honest" or "paper") if the checkpoint or card records it."""
+    config = meta.get("config")
+    return meta.get("protocol") or (config.get("protocol") if isinstance(config, dict) else None)
+
+
+def evaluate(
+        model: nn.Module | LoadedModel,
+        arrays: SplitLike,
+        preset: PresetLike = None,
+        *,
+        batch_size: int = 16,
+        device: str | torch.device = "cpu",
+        tta: bool = False,
+        threshold: float = 0.5,
+        hd95: bool = True,
+        split: str | None = None,
+        progress: bool = False,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Score ``model`` on one prepared split.
+
+    Args:
+        model: a network returning logits, or a ``LoadedModel`` (its preset, source and
+            protocol then go into the report).
+        arrays: the split: ``images`` uint8 (N, 3, H, W), ``masks`` uint8 (N, 1, H, W), ``ids``.
+        preset: the weights' preprocessing, a ``SegmentationPreset`` or ``(mean, std)``;
+            optional with a ``LoadedModel``.
+        batch_size: images per forward pass (16).
+        device: ``"auto"``, ``"cpu"``, ``"cuda"``, ... (``"cpu"``).
+        tta: average probabilities over identity, horizontal, vertical and both flips (False).
+        threshold: lesion where the probability is at least this (0.5).
+        hd95: compute the per-image 95th-percentile Hausdorff distance (True).
+        split: the split's name, recorded in the report.
+        progress: show a progress bar (False).
+
+    Returns:
+        ``(report, rows)``: the report dict (see ``write_report``) and one row per image with
+        ``id, dice, iou, hd95, tp, fp, fn, tn``.
+    """
+    from tqdm import tqdm
+
+    loaded = model if isinstance(model, LoadedModel) else None
+    net = loaded.model if loaded else model
+    num_images = len(arrays.ids)
+    if num_images == 0:
+        raise ScsonetError(f"split {split or '?'} holds no images")
+    if arrays.images.shape[0] != num_images or arrays.masks.shape[0] != num_images:
+        raise ScsonetError(f"split {split or '?'}: {num_images} ids but {arrays.images.shape[0]} images "
+                           f"and {arrays.masks.shape[0]} masks")
+    mask_size = tuple(arrays.masks.shape[-2:])
+    preset = _as_preset(preset if preset is not None or loaded is None else loaded.preset, mask_size)
+    device = resolve_device(device)
+    was_training = net.training
+    net.eval().to(device)
+    acc = MetricAccumulator(threshold, hd95=hd95)
+    try:
+        with torch.inference_mode():
+            for start in tqdm(range(0, num_images, batch_size), desc="evaluate", unit="batch",
+                              disable=not progress, leave=False):
+                stop = start + batch_size
+                images = torch.from_numpy(np.ascontiguousarray(arrays.images[start:stop])).to(device)
+                masks = torch.from_numpy(np.ascontiguousarray(arrays.masks[start:stop])).to(device)
+                probs = predict_probs(net, preset(images), tta)
+                if tuple(probs.shape[-2:]) != mask_size:
+                    probs = F.interpolate(probs, size=mask_size, mode="bilinear", align_corners=False)
+                acc.update(probs, masks)
+    finally:
+        net.train(was_training)
+
+    stats = acc.stats
+    dice, iou = per_image_scores(stats)
+    hd95_values = acc.hd95_values if hd95 else [math.nan] * num_images
+    rows = [{"id": str(image_id), "dice": float(d), "iou": float(j), "hd95": float(h),
+             "tp": int(tp), "fp": int(fp), "fn": int(fn), "tn": int(tn)}
+            for image_id, d, j, h, tp, fp, fn, tn in zip(arrays.ids, dice, iou, hd95_values, *stats)]
+
+    meta = loaded.meta if loaded else {}
+    protocol = _protocol(meta)
+    report: dict[str, Any] = {
+        "split": split,
+        "n_images": num_images,
+        "weights": loaded.source if loaded else None,
+        "model": loaded.name if loaded else type(net).__name__,
+        "protocol": protocol,
+        "epoch": meta.get("epoch"),
+        "threshold": threshold,
+        "tta": tta,
+        "resolution": list(mask_size),
+        "preprocessing": preset.to_dict(),
+        "pooled": pooled_metrics(stats),
+        "per_image": per_image_metrics(stats),
+        "hd95_pixels": summarize_hd95(acc.hd95_values) if hd95 else None,
+    }
+    if protocol == "paper" and split == "test":
+        report["note"] = "paper protocol: the checkpoint was selected on this test split, so these figures are optimistic"
+    return report, rows
+
+
+def _csv_cell(value: Any) -> Any:
+    if isinstance(value, float):
+        return "" if math.isnan(value) else f"{value:.6f}"
+    return value
+
+
+def write_report(report: dict[str, Any], rows: list[dict[str, Any]], out_dir: str | Path) -> tuple[Path, Path]:
+    """Write ``report.json`` and ``per_image.csv`` (NaN HD95 as an empty cell) into ``out_dir``, atomically."""
+    out_dir = Path(out_dir)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=PER_IMAGE_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({key: _csv_cell(row[key]) for key in PER_IMAGE_COLUMNS} for row in rows)
+    report_path, rows_path = out_dir / REPORT_NAME, out_dir / PER_IMAGE_NAME
+    write_text_atomic(rows_path, buffer.getvalue())
+    write_json_atomic(report_path, report)
+    return report_path, rows_path
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """A readable table of every metric in ``report``: percentages with 2 decimals, HD95 in pixels."""
+    pooled, per_image, hd = report["pooled"], report["per_image"], report["hd95_pixels"]
+    header = (f"split {report['split'] or '?'}, {report['n_images']} images, threshold {report['threshold']:.2f}, "
+              f"TTA {'on' if report['tta'] else 'off'}, protocol {report['protocol'] or 'unknown'}")
+    lines = [f"weights: {report['weights'] or report['model']}", header, ""]
+    table = [
+        ("IoU of the lesion, pooled (paper 'mIoU')", f"{100 * pooled['miou']:.2f} %"),
+        ("DSC, pooled", f"{100 * pooled['dsc']:.2f} %"),
+        ("accuracy, pooled", f"{100 * pooled['accuracy']:.2f} %"),
+        ("sensitivity, pooled", f"{100 * pooled['sensitivity']:.2f} %"),
+        ("specificity, pooled", f"{100 * pooled['specificity']:.2f} %"),
+        ("Dice per image, mean ± std", f"{100 * per_image['dice_mean']:.2f} ± {100 * per_image['dice_std']:.2f} %"),
+        ("IoU per image, mean ± std", f"{100 * per_image['iou_mean']:.2f} ± {100 * per_image['iou_std']:.2f} %"),
+    ]
+    if hd is not None:
+        value = "n/a" if hd["mean"] is None else f"{hd['mean']:.2f} / {hd['median']:.2f}"
+        table.append(("HD95 in pixels, mean / median", f"{value}  ({hd['n']} images, {hd['undefined']} undefined)"))
+    width = max(len(name) for name, _ in table)
+    lines += [f"{'metric':<{width}}  value", "-" * (width + 24)]
+    lines += [f"{name:<{width}}  {value}" for name, value in table]
+    if hd is not None and hd["undefined"]:
+        lines.append("(HD95 is undefined where exactly one of prediction and mask is empty; left out of mean/median)")
+    if report.get("note"):
+        lines.append(f"note: {report['note']}")
+    return "\n".join(lines)
