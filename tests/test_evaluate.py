@@ -120,3 +120,62 @@ def test_empty_split_is_a_user_error():
     empty = SimpleNamespace(images=np.zeros((0, 3, 8, 8), np.uint8), masks=np.zeros((0, 1, 8, 8), np.uint8), ids=[])
     with pytest.raises(ScsonetError, match="no images"):
         evaluate(RedIsLesion(), empty, PRESET, split="test")
+
+
+@pytest.fixture(scope="module")
+def prepared_and_checkpoint(tmp_path_factory):
+    """A prepared 'folder' dataset of 10 synthetic 32x32 pairs and a random-init SCSONet checkpoint."""
+    from PIL import Image
+
+    from scsonet.data import prepare_dataset
+    from scsonet.models import create_model
+
+    root = tmp_path_factory.mktemp("eval_cli")
+    split = lesion_split(n=10, size=32, seed=1)
+    for name, arrays in (("images", split.images.transpose(0, 2, 3, 1)), ("masks", split.masks[:, 0] * 255)):
+        (root / "raw" / name).mkdir(parents=True)
+        for image_id, array in zip(split.ids, arrays):
+            Image.fromarray(array).save(root / "raw" / name / f"{image_id}.png")
+    prepare_dataset("folder", root / "raw", root / "prepared", size=32, workers=1, progress=False)
+    torch.manual_seed(0)
+    model = create_model("scsonet")
+    checkpoint = {"model": model.state_dict(), "model_name": "scsonet", "model_args": {}, "epoch": 3,
+                  "preprocessing": {"resize_size": [32, 32], "mean": [0.5] * 3, "std": [0.5] * 3},
+                  "config": {"protocol": "honest"}}
+    (root / "run").mkdir()
+    torch.save(checkpoint, root / "run" / "best.pt")
+    return root / "prepared", root / "run" / "best.pt"
+
+
+def test_cli_evaluates_a_checkpoint_end_to_end(prepared_and_checkpoint, capsys):
+    from scsonet.cli.main import main
+
+    data, weights = prepared_and_checkpoint
+    n_test = json.loads((data / "manifest.json").read_text())["splits"]["test"]["count"]
+    assert main(["evaluate", "--weights", str(weights), "--data", str(data), "--device", "cpu", "--tta"]) == 0
+    printed = capsys.readouterr().out
+    assert "IoU of the lesion, pooled" in printed and "specificity, pooled" in printed and "HD95" in printed
+    out_dir = weights.parent / "eval-best-test-tta"  # the documented default: beside the weights
+    report = json.loads((out_dir / "report.json").read_text())
+    assert (report["split"], report["n_images"], report["tta"], report["protocol"], report["epoch"]) == \
+        ("test", n_test, True, "honest", 3)
+    assert report["weights"] == str(weights) and report["data"] == str(data)
+    assert set(report["pooled"]) == {"miou", "dsc", "accuracy", "sensitivity", "specificity"}
+    assert all(0.0 <= v <= 1.0 for v in report["pooled"].values())
+    assert len((out_dir / "per_image.csv").read_text().splitlines()) == n_test + 1
+
+
+def test_cli_json_output_and_errors(prepared_and_checkpoint, tmp_path, capsys):
+    from scsonet.cli.main import main
+
+    data, weights = prepared_and_checkpoint
+    args = ["evaluate", "--weights", str(weights), "--data", str(data), "--device", "cpu"]
+    assert main([*args, "--split", "val", "--no-hd95", "--json", "--out", str(tmp_path / "o")]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == json.loads((tmp_path / "o" / "report.json").read_text())
+    assert printed["split"] == "val" and printed["hd95_pixels"] is None
+    for bad, needle in (([*args, "--split", "nope"], "nope"), ([*args, "--threshold", "1.5"], "--threshold"),
+                        (["evaluate", "--weights", str(tmp_path / "x.pt"), "--data", str(data)], "x.pt")):
+        assert main(bad) == 2
+        err = capsys.readouterr().err.strip()
+        assert needle in err and "\n" not in err

@@ -35,10 +35,10 @@ TTA_FLIPS: tuple[tuple[int, ...], ...] = ((), (-1,), (-2,), (-2, -1))
 
 
 class SplitLike(Protocol):
-    """What ``evaluate`` reads from ``scsonet.data.SplitArrays``."""
+    """What ``evaluate`` reads from ``scsonet.data.SplitArrays`` (tensors or numpy arrays)."""
 
-    images: np.ndarray  # uint8 (N, 3, H, W)
-    masks: np.ndarray  # uint8 (N, 1, H, W), {0, 1}
+    images: torch.Tensor | np.ndarray  # uint8 (N, 3, H, W)
+    masks: torch.Tensor | np.ndarray  # uint8 (N, 1, H, W), {0, 1}
     ids: Sequence[str]
 
 
@@ -127,8 +127,8 @@ def evaluate(
             for start in tqdm(range(0, num_images, batch_size), desc="evaluate", unit="batch",
                               disable=not progress, leave=False):
                 stop = start + batch_size
-                images = torch.from_numpy(np.ascontiguousarray(arrays.images[start:stop])).to(device)
-                masks = torch.from_numpy(np.ascontiguousarray(arrays.masks[start:stop])).to(device)
+                images = torch.as_tensor(arrays.images[start:stop]).to(device)
+                masks = torch.as_tensor(arrays.masks[start:stop]).to(device)
                 probs = predict_probs(net, preset(images), tta)
                 if tuple(probs.shape[-2:]) != mask_size:
                     probs = F.interpolate(probs, size=mask_size, mode="bilinear", align_corners=False)
