@@ -17,6 +17,8 @@ _LAZY = {
     "list_models": "scsonet.models",
     "load_model": "scsonet.models",
     "load_pretrained": "scsonet.models",
+    "segment": "scsonet.inference",
+    "sample_images": "scsonet.inference",
 }
 __all__ = [*_LAZY, "__version__"]
 

@@ -1,0 +1,51 @@
+"""``scsonet predict``: masks, outlined overlays and lesion figures for images, folders and globs."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import ScsonetError
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "predict", help="segment images: binary masks, overlays and lesion figures",
+        description="Segment dermoscopic images (JPEG/PNG/BMP/TIFF, any size and mode). Per image, writes "
+                    "<stem>_mask.png and <stem>_overlay.png into --out, and one row to results.csv and "
+                    "results.json. Exit status 1 if any input failed; the others are still done.")
+    p.add_argument("inputs", nargs="*", metavar="INPUT", help="image files, folders (not recursive) or glob patterns")
+    p.add_argument("--out", "-o", type=Path, required=True, help="output folder (created if missing)")
+    p.add_argument("--samples", action="store_true", help="also segment the sample images shipped with scsonet")
+    p.add_argument("--weights", default="scsonet-isic2017",
+                   help="pretrained name, training checkpoint (.pt) or .safetensors with its card (scsonet-isic2017)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (auto)")
+    p.add_argument("--threshold", type=float, default=0.5, help="probability at or above which a pixel is lesion (0.5)")
+    p.add_argument("--tta", action="store_true", help="average over horizontal and vertical flips (4 passes)")
+    p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (8)")
+    p.add_argument("--save-probabilities", nargs="?", const="png", choices=["png", "npy"], default=None,
+                   help="also write <stem>_prob.png (0..255) or, with 'npy', float32 <stem>_prob.npy")
+    p.add_argument("--continue", dest="skip_existing", action="store_true",
+                   help="skip images whose outputs an earlier run with the same settings wrote in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from .._device import resolve_device
+    from ..inference import TorchSegmenter, predict_files, sample_images
+    from ..models import load_model
+
+    inputs = [*args.inputs, *(sample_images() if args.samples else [])]
+    if not inputs:
+        raise ScsonetError("no inputs: name image files, folders or glob patterns, or pass --samples")
+    device = resolve_device(args.device)
+    loaded = load_model(args.weights, device)
+    segmenter = TorchSegmenter(loaded, device, tta=args.tta)
+    rows = predict_files(inputs, segmenter, args.out, threshold=args.threshold, batch_size=args.batch_size,
+                         save_probabilities=args.save_probabilities, skip_existing=args.skip_existing,
+                         progress=not args.quiet,
+                         settings={"backend": "torch", "weights": loaded.source, "tta": args.tta})
+    failed = sum(row["status"] == "error" for row in rows)
+    no_lesion = sum(row["status"] == "ok" and not row["lesion_found"] for row in rows)
+    print(f"{len(rows) - failed} image(s) segmented ({no_lesion} with no lesion found), {failed} failed; "
+          f"masks, overlays and results.csv in {args.out}")
+    return 1 if failed else 0

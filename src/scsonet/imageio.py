@@ -1,0 +1,146 @@
+"""Read images of any mode into RGB uint8, and expand files, folders and globs into image paths.
+
+Torch-free (numpy and Pillow only), so the ONNX Runtime path can use it without PyTorch.
+"""
+from __future__ import annotations
+
+import glob
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence, Union
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import ScsonetError
+
+__all__ = ["IMAGE_SUFFIXES", "ImageLike", "InputError", "expand_inputs", "read_image", "to_rgb_array"]
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+# Pillow's names for those formats; MPO is the JPEG variant some cameras write.
+_PIL_FORMATS = ("JPEG", "MPO", "PNG", "BMP", "TIFF")
+_KINDS = "JPEG/PNG/BMP/TIFF"
+
+ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray]
+
+
+@dataclass(frozen=True)
+class InputError:
+    """An input that yields no image: ``source`` is the path or pattern as given."""
+
+    source: str
+    message: str
+
+
+def _scale_to_uint8(values: np.ndarray, full_scale: float) -> np.ndarray:
+    return np.clip(np.rint(values.astype(np.float64) * (255.0 / full_scale)), 0, 255).astype(np.uint8)
+
+
+def _pil_to_rgb(img: Image.Image) -> np.ndarray:
+    """Any Pillow mode -> (H, W, 3) uint8. 16-bit and float greys are rescaled, not clipped;
+    alpha is dropped (dermoscopy has no meaningful transparency)."""
+    if img.mode.startswith("I;16") or img.mode == "I":
+        grey = np.asarray(img)
+        # Mode "I" also holds 8-bit data from some TIFF writers: only rescale what exceeds 8 bits.
+        full_scale = 65535.0 if img.mode != "I" or grey.max(initial=0) > 255 else 255.0
+        return np.repeat(_scale_to_uint8(grey, full_scale)[..., None], 3, axis=2)
+    if img.mode == "F":
+        grey = np.asarray(img)
+        full_scale = 1.0 if grey.max(initial=0) <= 1.0 else 255.0
+        return np.repeat(_scale_to_uint8(grey, full_scale)[..., None], 3, axis=2)
+    return np.asarray(img.convert("RGB"))
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """Decode ``path`` fully, apply its EXIF orientation and return (H, W, 3) uint8 RGB.
+
+    Raises:
+        ScsonetError: one line naming the file (missing, not an image, truncated, unsupported).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ScsonetError(f"{path}: no such file" if not path.exists() else f"{path}: not a file")
+    try:
+        with Image.open(path) as img:
+            if img.format not in _PIL_FORMATS:
+                raise ScsonetError(f"{path}: {img.format} images are not supported ({_KINDS})")
+            img.load()  # decode now: a truncated file fails here, not later
+            img = ImageOps.exif_transpose(img)
+            rgb = _pil_to_rgb(img)
+    except UnidentifiedImageError:
+        raise ScsonetError(f"{path}: not a {_KINDS} image (cannot identify the file's format)") from None
+    except (OSError, ValueError, SyntaxError) as err:  # Pillow's decoders raise all three on corrupt data
+        raise ScsonetError(f"{path}: truncated or corrupt image ({err})") from None
+    if rgb.shape[0] == 0 or rgb.shape[1] == 0:
+        raise ScsonetError(f"{path}: image has no pixels")
+    return rgb
+
+
+def to_rgb_array(image: ImageLike) -> np.ndarray:
+    """A path, a PIL image or an array (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) -> (H, W, 3) uint8.
+
+    Arrays may be uint8, uint16 (rescaled by 1/257), bool, or float in 0..1; alpha is dropped.
+    A PIL image gets its EXIF orientation applied, as a file read from disk does.
+    """
+    if isinstance(image, (str, os.PathLike)):
+        return read_image(image)
+    if isinstance(image, Image.Image):
+        return _pil_to_rgb(ImageOps.exif_transpose(image))
+    if not isinstance(image, np.ndarray):
+        raise TypeError(f"image must be a path, a PIL image or a numpy array, not {type(image).__name__}")
+    arr = image
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4) or arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise ValueError(f"image array must be (H, W), (H, W, 1), (H, W, 3) or (H, W, 4); got {image.shape}")
+    if arr.dtype == np.bool_:
+        arr = arr.astype(np.uint8) * 255
+    elif arr.dtype == np.uint16:
+        arr = _scale_to_uint8(arr, 65535.0)
+    elif np.issubdtype(arr.dtype, np.floating):
+        if not np.isfinite(arr).all() or arr.min() < 0.0 or arr.max() > 1.0:
+            raise ValueError("float image arrays must hold values in 0..1; pass uint8 for 0..255")
+        arr = _scale_to_uint8(arr, 1.0)
+    elif arr.dtype != np.uint8:
+        raise ValueError(f"image array dtype {arr.dtype} is not supported (uint8, uint16, bool, float 0..1)")
+    arr = arr[..., :3]
+    if arr.shape[2] == 1:
+        arr = np.repeat(arr, 3, axis=2)
+    return np.ascontiguousarray(arr)
+
+
+def _is_image_file(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
+
+
+def expand_inputs(inputs: Sequence[str | os.PathLike]) -> tuple[list[Path], list[InputError]]:
+    """Files, folders (their images, not recursive) and glob patterns -> image paths, in the
+    given order, each once; plus one error per input that yields no image."""
+    paths: list[Path] = []
+    errors: list[InputError] = []
+    for item in inputs:
+        source = os.fspath(item)
+        path = Path(source)
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if _is_image_file(p))
+            if not found:
+                errors.append(InputError(source, f"{source}: folder has no {_KINDS} images"))
+        elif path.is_file():
+            found = [path]
+            if path.suffix.lower() not in IMAGE_SUFFIXES:
+                errors.append(InputError(source, f"{source}: unsupported file type {path.suffix or '(none)'!r} "
+                                                 f"(expected {', '.join(IMAGE_SUFFIXES)})"))
+                found = []
+        elif any(c in source for c in "*?["):
+            found = sorted(p for p in map(Path, glob.glob(source, recursive=True)) if _is_image_file(p))
+            if not found:
+                errors.append(InputError(source, f"{source}: pattern matches no {_KINDS} images"))
+        else:
+            found = []
+            errors.append(InputError(source, f"{source}: no such file or folder"))
+        paths.extend(found)
+    unique: dict[Path, Path] = {}
+    for p in paths:
+        unique.setdefault(p.resolve(), p)  # the same file named twice is done once
+    return list(unique.values()), errors
