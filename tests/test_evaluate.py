@@ -93,8 +93,10 @@ def test_preset_resize_scores_at_mask_resolution():
 def test_loaded_model_fills_source_and_protocol_and_warns_on_paper_test():
     loaded = LoadedModel(RedIsLesion(), PRESET, "red", "runs/x/best.pt", {"epoch": 7, "config": {"protocol": "paper"}})
     report, _ = evaluate(loaded, lesion_split(n=2), split="test", hd95=False)
-    assert (report["weights"], report["model"], report["protocol"], report["epoch"]) == ("runs/x/best.pt", "red", "paper", 7)
-    assert "selected on this test split" in report["note"]
+    assert (report["weights"], report["model"], report["protocol"], report["checkpoint_epoch"]) == ("runs/x/best.pt", "red", "paper", 7)
+    assert "selected on this split" in report["note"]
+    report, _ = evaluate(loaded, lesion_split(n=2), split="val", hd95=False)
+    assert "trained on this split" in report["note"]
     assert report["hd95_pixels"] is None
     assert "note:" in format_report(report)
 
@@ -157,9 +159,9 @@ def test_cli_evaluates_a_checkpoint_end_to_end(prepared_and_checkpoint, capsys):
     assert "IoU of the lesion, pooled" in printed and "specificity, pooled" in printed and "HD95" in printed
     out_dir = weights.parent / "eval-best-test-tta"  # the documented default: beside the weights
     report = json.loads((out_dir / "report.json").read_text())
-    assert (report["split"], report["n_images"], report["tta"], report["protocol"], report["epoch"]) == \
+    assert (report["split"], report["n_images"], report["tta"], report["protocol"], report["checkpoint_epoch"]) == \
         ("test", n_test, True, "honest", 3)
-    assert report["weights"] == str(weights) and report["data"] == str(data)
+    assert report["weights"] == str(weights) and report["data"] == str(data) and "note" not in report
     assert set(report["pooled"]) == {"miou", "dsc", "accuracy", "sensitivity", "specificity"}
     assert all(0.0 <= v <= 1.0 for v in report["pooled"].values())
     assert len((out_dir / "per_image.csv").read_text().splitlines()) == n_test + 1

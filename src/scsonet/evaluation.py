@@ -73,6 +73,17 @@ def _protocol(meta: dict[str, Any]) -> str | None:
     return meta.get("protocol") or (config.get("protocol") if isinstance(config, dict) else None)
 
 
+def _protocol_note(protocol: str | None, split: str | None) -> str | None:
+    """Why figures on this split are not an unbiased estimate, when the protocol says so."""
+    trained_on = {"honest": {"train"}, "paper": {"train", "val", "train+val"}}.get(protocol or "", set())
+    selected_on = {"honest": "val", "paper": "test"}.get(protocol or "")
+    if split in trained_on:
+        return f"{protocol} protocol: the model was trained on this split"
+    if split == selected_on:
+        return f"{protocol} protocol: the checkpoint was selected on this split, so these figures are optimistic"
+    return None
+
+
 def evaluate(
         model: nn.Module | LoadedModel,
         arrays: SplitLike,
@@ -151,7 +162,7 @@ def evaluate(
         "weights": loaded.source if loaded else None,
         "model": loaded.name if loaded else type(net).__name__,
         "protocol": protocol,
-        "epoch": meta.get("epoch"),
+        "checkpoint_epoch": meta.get("epoch"),  # as the checkpoint stores it (scsonet train: 0-based)
         "threshold": threshold,
         "tta": tta,
         "resolution": list(mask_size),
@@ -160,8 +171,8 @@ def evaluate(
         "per_image": per_image_metrics(stats),
         "hd95_pixels": summarize_hd95(acc.hd95_values) if hd95 else None,
     }
-    if protocol == "paper" and split == "test":
-        report["note"] = "paper protocol: the checkpoint was selected on this test split, so these figures are optimistic"
+    if note := _protocol_note(protocol, split):
+        report["note"] = note
     return report, rows
 
 
