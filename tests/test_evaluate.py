@@ -181,3 +181,19 @@ def test_cli_json_output_and_errors(prepared_and_checkpoint, tmp_path, capsys):
         assert main(bad) == 2
         err = capsys.readouterr().err.strip()
         assert needle in err and "\n" not in err
+
+
+def test_resolve_device_prefers_cuda_then_mps_then_cpu(monkeypatch):
+    from scsonet import _device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(_device, "_mps_available", lambda: False)
+    assert _device.resolve_device("auto") == torch.device("cpu")
+    for name, needle in (("cuda", "CUDA is not available"), ("mps", "MPS"), ("gpu7", "not a device name"),
+                         ("meta", "not supported")):
+        with pytest.raises(ScsonetError, match=needle):
+            _device.resolve_device(name)
+    monkeypatch.setattr(_device, "_mps_available", lambda: True)
+    assert _device.resolve_device("auto") == torch.device("mps")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert _device.resolve_device("auto") == torch.device("cuda")
