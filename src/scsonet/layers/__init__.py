@@ -3,12 +3,12 @@ from .ema import EMA
 from .helpers import LayerType, get_act_layer, largest_divisor_at_most
 from .odconv import ODConv2d, ODConvAttention
 from .pconv import PConv
-from .sc_att_bridge import ChannelAttentionBridge, SCAttentionBridge, SpatialAttentionBridge
+from .sc_att_bridge import CAB_RESIDUALS, ChannelAttentionBridge, SCAttentionBridge, SpatialAttentionBridge
 from .scconv import CRU, GATES, SCConv, SRU
-from .scf import SCFBlock
+from .scf import MIXERS, SCFBlock
 
 __all__ = [
     "EMA", "LayerType", "get_act_layer", "largest_divisor_at_most", "ODConv2d", "ODConvAttention", "PConv",
     "ChannelAttentionBridge", "SCAttentionBridge", "SpatialAttentionBridge", "CRU", "GATES", "SCConv",
-    "SRU", "SCFBlock",
+    "SRU", "SCFBlock", "CAB_RESIDUALS", "MIXERS",
 ]

@@ -11,6 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+CAB_RESIDUALS = ("sab", "attended")
+
 
 class SpatialAttentionBridge(nn.Module):
     """SAB: per stage, [mean over C, max over C] -> one shared dilated 7x7 conv -> sigmoid map.
@@ -29,12 +31,13 @@ class SpatialAttentionBridge(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(2, 1, kernel_size, padding=dilation * (kernel_size // 2), dilation=dilation)
 
+    def attention(self, t: torch.Tensor) -> torch.Tensor:
+        """The (B, 1, H, W) spatial attention map of one stage."""
+        desc = torch.cat([t.mean(dim=1, keepdim=True), t.amax(dim=1, keepdim=True)], dim=1)
+        return torch.sigmoid(self.conv(desc))
+
     def forward(self, feats: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        out = []
-        for t in feats:
-            desc = torch.cat([t.mean(dim=1, keepdim=True), t.amax(dim=1, keepdim=True)], dim=1)
-            out.append(t * torch.sigmoid(self.conv(desc)) + t)
-        return out
+        return [t * self.attention(t) + t for t in feats]
 
 
 class ChannelAttentionBridge(nn.Module):
@@ -62,16 +65,23 @@ class ChannelAttentionBridge(nn.Module):
 
 
 class SCAttentionBridge(nn.Module):
-    """SAB then CAB, each with a residual: out_i = CAB(SAB(t)_i)_i + SAB(t)_i.
+    """SAB then CAB, each with a residual: out_i = CAB(s)_i + r_i with s_i = t_i * a_i + t_i.
+
+    a_i is the spatial attention map of stage i; the CAB residual r_i is the SAB output s_i
+    (``cab_residual='sab'``) or only the attended part t_i * a_i (``'attended'``).
 
     Args:
         channels: C_i of each bridged stage (for SCSONet: c0..c4).
         spatial_kernel_size: SAB kernel (7).
         spatial_dilation: SAB dilation (3).
         channel_kernel_size: CAB Conv1d kernel (3).
+        cab_residual: ``'sab'`` or ``'attended'`` (``'sab'``).
 
     Shape:
         list of (B, C_i, H_i, W_i) -> same shapes
+
+    Note:
+        The published MALUNet and SCSONet code both use ``'attended'``.
     """
 
     def __init__(
@@ -80,14 +90,20 @@ class SCAttentionBridge(nn.Module):
         spatial_kernel_size: int = 7,
         spatial_dilation: int = 3,
         channel_kernel_size: int = 3,
+        cab_residual: str = "sab",
     ):
         super().__init__()
+        if cab_residual not in CAB_RESIDUALS:
+            raise ValueError(f"cab_residual must be one of {CAB_RESIDUALS}, got {cab_residual!r}")
+        self.cab_residual = cab_residual
         self.sab = SpatialAttentionBridge(spatial_kernel_size, spatial_dilation)
         self.cab = ChannelAttentionBridge(channels, channel_kernel_size)
 
     def forward(self, feats: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        spatial = self.sab(feats)
-        return [c + s for c, s in zip(self.cab(spatial), spatial)]
+        attended = [t * self.sab.attention(t) for t in feats]
+        spatial = [a + t for a, t in zip(attended, feats)]
+        residual = spatial if self.cab_residual == "sab" else attended
+        return [c + r for c, r in zip(self.cab(spatial), residual)]
 
 
-__all__ = ["SpatialAttentionBridge", "ChannelAttentionBridge", "SCAttentionBridge"]
+__all__ = ["SpatialAttentionBridge", "ChannelAttentionBridge", "SCAttentionBridge", "CAB_RESIDUALS"]

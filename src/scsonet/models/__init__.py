@@ -3,4 +3,9 @@ from ._loading import PRETRAINED, LoadedModel, load_model, load_pretrained
 from ._registry import create_model, is_model, list_models, register_model
 from ._weights import SCSONet_Weights, Weights, WeightsEnum
 from .scsonet import *  # noqa: F401,F403  (runs the registration)
+from .malunet import *  # noqa: F401,F403
+from .egeunet import *  # noqa: F401,F403
+from .unet import *  # noqa: F401,F403
+from .unext import *  # noqa: F401,F403
+from .ablations import *  # noqa: F401,F403
 from .scsonet import SCSONet

@@ -6,7 +6,8 @@ Original code: https://github.com/Haoyu-Chen/SCSONet (not used here; see DESIGN.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from functools import partial
+from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -28,6 +29,15 @@ def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
     return F.pad(x, (0, pad_w, 0, pad_h), mode="replicate")
 
 
+def _run_stages(stages: nn.ModuleList, x: torch.Tensor) -> list[torch.Tensor]:
+    """The output of every stage, each stage fed the previous output (the last is the deepest)."""
+    feats = []
+    for stage in stages:
+        x = stage(x)
+        feats.append(x)
+    return feats
+
+
 class _EncoderStage(nn.Module):
     """block -> GroupNorm -> max-pool 2 -> act; the last stage has no norm and no pooling."""
 
@@ -43,7 +53,7 @@ class _EncoderStage(nn.Module):
 
 
 class _DecoderStage(nn.Module):
-    """block -> GroupNorm -> (bilinear x2) -> act, then add the bridged skip."""
+    """block -> GroupNorm -> (bilinear x2) -> act, then add the bridged skip (if given)."""
 
     def __init__(self, block: nn.Module, out_chs: int, act_layer, upsample: bool = True, norm_groups: int = 4):
         super().__init__()
@@ -52,11 +62,11 @@ class _DecoderStage(nn.Module):
         self.upsample = upsample
         self.act = act_layer()
 
-    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
         x = self.norm(self.block(x))
         if self.upsample:
             x = F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=True)
-        return self.act(x) + skip
+        return self.act(x) if skip is None else self.act(x) + skip
 
 
 def _stem_block(in_chs: int, out_chs: int, use_odconv: bool, kernel_num: int) -> nn.Module:
@@ -83,11 +93,21 @@ class SCSONet(nn.Module):
         kernel_num: ODConv candidate kernels n (1, as published; > 1 enables the kernel attention).
         gate: SCConv SRU gate, ``'soft'`` (SCConv paper) or ``'hard'`` (published code) (``'soft'``).
         use_odconv: ODConv in E2 and D5, else plain 3x3 convs (True; False is the ablation base).
+        scf_mixer: spatial conv beside SCConv in the SCF blocks, see ``SCFBlock`` (``'pconv'``).
+        scf_ema: EMA at the end of the SCF blocks (True).
+        block_layer: builds the blocks of E4-E6 and D1-D3 as ``block_layer(in_chs, out_chs,
+            decoder=...)``; None builds SCF blocks from ``gate``, ``scf_mixer`` and ``scf_ema`` (None).
+        bridge_residual: residual of the bridge's channel attention, see ``SCAttentionBridge`` (``'sab'``).
         device: device of the parameters (None).
         dtype: dtype of the parameters (None).
 
     Shape:
         (B, in_chans, H, W) -> (B, num_classes, H, W)
+
+    Note:
+        ``use_odconv``, ``scf_mixer``, ``scf_ema``, ``block_layer`` and ``bridge_residual`` span the
+        paper's ablations (Tables 2 and 3): with MALUNet's blocks this class is MALUNet, from
+        which SCSONet was built by swapping blocks (see ``malunet.py`` and ``ablations.py``).
     """
 
     pad_multiple = 32
@@ -101,6 +121,10 @@ class SCSONet(nn.Module):
         kernel_num: int = 1,
         gate: str = "soft",
         use_odconv: bool = True,
+        scf_mixer: str = "pconv",
+        scf_ema: bool = True,
+        block_layer: Callable[..., nn.Module] | None = None,
+        bridge_residual: str = "sab",
         device=None,
         dtype=None,
     ):
@@ -109,6 +133,8 @@ class SCSONet(nn.Module):
             raise ValueError(f"embed_dims needs 6 channel counts, got {len(embed_dims)}")
         act = get_act_layer(act_layer)
         c = list(embed_dims)
+        if block_layer is None:
+            block_layer = partial(SCFBlock, gate=gate, mixer=scf_mixer, use_ema=scf_ema)
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.embed_dims = tuple(c)
@@ -116,15 +142,15 @@ class SCSONet(nn.Module):
             _EncoderStage(nn.Conv2d(in_chans, c[0], 3, padding=1), c[0], act),
             _EncoderStage(_stem_block(c[0], c[1], use_odconv, kernel_num), c[1], act),
             _EncoderStage(nn.Conv2d(c[1], c[2], 3, padding=1), c[2], act),
-            _EncoderStage(SCFBlock(c[2], c[3], gate=gate), c[3], act),
-            _EncoderStage(SCFBlock(c[3], c[4], gate=gate), c[4], act),
-            _EncoderStage(SCFBlock(c[4], c[5], gate=gate), c[5], act, downsample=False),
+            _EncoderStage(block_layer(c[2], c[3], decoder=False), c[3], act),
+            _EncoderStage(block_layer(c[3], c[4], decoder=False), c[4], act),
+            _EncoderStage(block_layer(c[4], c[5], decoder=False), c[5], act, downsample=False),
         ])
-        self.bridge = SCAttentionBridge(c[:5])
+        self.bridge = SCAttentionBridge(c[:5], cab_residual=bridge_residual)
         self.decoder = nn.ModuleList([
-            _DecoderStage(SCFBlock(c[5], c[4], decoder=True, gate=gate), c[4], act, upsample=False),
-            _DecoderStage(SCFBlock(c[4], c[3], decoder=True, gate=gate), c[3], act),
-            _DecoderStage(SCFBlock(c[3], c[2], decoder=True, gate=gate), c[2], act),
+            _DecoderStage(block_layer(c[5], c[4], decoder=True), c[4], act, upsample=False),
+            _DecoderStage(block_layer(c[4], c[3], decoder=True), c[3], act),
+            _DecoderStage(block_layer(c[3], c[2], decoder=True), c[2], act),
             _DecoderStage(nn.Conv2d(c[2], c[1], 3, padding=1), c[1], act),
             _DecoderStage(_stem_block(c[1], c[0], use_odconv, kernel_num), c[0], act),
         ])
@@ -135,10 +161,8 @@ class SCSONet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
         x = pad_to_multiple(x, self.pad_multiple)
-        feats = []
-        for stage in self.encoder:
-            x = stage(x)
-            feats.append(x)
+        feats = _run_stages(self.encoder, x)
+        x = feats[-1]
         skips = self.bridge(feats[:-1])
         for stage, skip in zip(self.decoder, reversed(skips)):
             x = stage(x, skip)
