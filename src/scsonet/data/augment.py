@@ -11,8 +11,8 @@ class PaperAugment:
     """Random horizontal flip, vertical flip and rotation, each drawn independently per sample.
 
     Rotation is by an angle drawn uniformly from ``degrees`` about the image centre; corners that
-    come from outside the image are filled with 0 (black pixels, background mask). Flips are
-    exact index reversals; only rotated samples are resampled, images bilinearly and masks with
+    come from outside the image are filled with 0 (black pixels, background mask). All of a
+    sample's transforms make one sampling grid, applied to images bilinearly and to masks with
     nearest neighbour, so masks stay binary.
 
     Args:
@@ -39,33 +39,26 @@ class PaperAugment:
                  generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         if not (images.is_floating_point() and masks.is_floating_point()):
             raise TypeError("PaperAugment expects float images and masks (convert uint8 first)")
-        b, _, h, w = images.shape  # torch.where below copies: the inputs are never modified
+        b, c, h, w = images.shape
         # Four draws per sample from a CPU generator, always, so the random stream (and therefore
-        # every later batch) is the same whichever flips happen and on whichever device.
+        # every later batch) is the same whichever transforms happen and on whichever device.
         draws = torch.rand(b, 4, generator=generator, dtype=torch.float64)
-        hflip = (draws[:, 0] < self.p_hflip).view(b, 1, 1, 1).to(images.device)
-        vflip = (draws[:, 1] < self.p_vflip).view(b, 1, 1, 1).to(images.device)
-        images = torch.where(hflip, images.flip(-1), images)
-        masks = torch.where(hflip, masks.flip(-1), masks)
-        images = torch.where(vflip, images.flip(-2), images)
-        masks = torch.where(vflip, masks.flip(-2), masks)
-
-        rotate = torch.nonzero(draws[:, 2] < self.p_rotate).flatten()
-        if len(rotate):
-            low, high = self.degrees
-            angles = (low + (high - low) * draws[rotate, 3]) * (math.pi / 180.0)
-            cos, sin = torch.cos(angles), torch.sin(angles)
-            zero = torch.zeros_like(cos)
-            # affine_grid maps output to input coordinates, normalised per axis: the inverse
-            # rotation, with the aspect ratio folded in so non-square images rotate rigidly.
-            theta = torch.stack([torch.stack([cos, sin * h / w, zero], 1),
-                                 torch.stack([-sin * w / h, cos, zero], 1)], 1)
-            theta = theta.to(device=images.device, dtype=images.dtype)
-            idx = rotate.to(images.device)
-            grid = F.affine_grid(theta, [len(rotate), images.shape[1], h, w], align_corners=False)
-            images[idx] = F.grid_sample(images[idx], grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-            masks[idx] = F.grid_sample(masks[idx], grid, mode="nearest", padding_mode="zeros", align_corners=False)
-        return images, masks
+        hflip, vflip, rotate = (draws[:, :3] < torch.tensor([self.p_hflip, self.p_vflip, self.p_rotate])).unbind(1)
+        if not (hflip | vflip | rotate).any():
+            return images, masks
+        low, high = self.degrees
+        angle = torch.where(rotate, low + (high - low) * draws[:, 3], 0.0) * (math.pi / 180.0)
+        cos, sin = torch.cos(angle), torch.sin(angle)
+        sx, sy = 1.0 - 2.0 * hflip.double(), 1.0 - 2.0 * vflip.double()
+        # One sampling grid per sample: flip, then rotate about the centre. affine_grid maps output
+        # to input coordinates, so theta = flip @ inverse rotation, in coordinates normalised per
+        # axis (the aspect ratio folded in, so non-square images rotate rigidly). Flips and
+        # untouched samples land exactly on pixel centres: no blur, and nearest keeps masks exact.
+        theta = torch.stack([torch.stack([sx * cos, sx * sin * h / w, torch.zeros_like(cos)], 1),
+                             torch.stack([-sy * sin * w / h, sy * cos, torch.zeros_like(cos)], 1)], 1)
+        grid = F.affine_grid(theta.to(device=images.device, dtype=images.dtype), [b, c, h, w], align_corners=False)
+        return (F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False),
+                F.grid_sample(masks, grid, mode="nearest", padding_mode="zeros", align_corners=False))
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(p_hflip={self.p_hflip}, p_vflip={self.p_vflip}, "
