@@ -136,16 +136,36 @@ class ODConv2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, _, h, w = x.shape
         channel, filt, spatial, kernel = self.attention(x)
-        x = x * channel
         weight = spatial * self.weight.unsqueeze(0)  # (B, n, Cout, Cin, k, k)
         if kernel is not None:
             weight = weight * kernel
+        if torch.jit.is_tracing():  # ONNX / TorchScript export: a graph that runs at any batch size
+            weight = weight.sum(dim=1) * filt.unsqueeze(-1) * channel.view(b, 1, self.in_chs, 1, 1)
+            return self._per_sample_conv(x, weight)
+        x = x * channel
         weight = weight.sum(dim=1).reshape(b * self.out_chs, self.in_chs, self.kernel_size, self.kernel_size)
         y = F.conv2d(
             x.reshape(1, b * self.in_chs, h, w), weight, None, self.stride, self.padding, self.dilation, groups=b
         )
         y = y.reshape(b, self.out_chs, y.shape[-2], y.shape[-1])
         return y * filt
+
+    def _per_sample_conv(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """Convolve each sample with its own kernel (B, Cout, Cin, k, k) as im2col + batched matmul.
+
+        Equal to the grouped convolution of ``forward`` up to float rounding, but without
+        ``groups=B``, which a traced graph would freeze at the batch size it was traced with.
+        """
+        b, _, h, w = x.shape
+        k, d, s = self.kernel_size, self.dilation, self.stride
+        h_out = (h + 2 * self.padding - d * (k - 1) - 1) // s + 1
+        w_out = (w + 2 * self.padding - d * (k - 1) - 1) // s + 1
+        x = F.pad(x, [self.padding] * 4)
+        taps = [x[:, :, i * d:i * d + (h_out - 1) * s + 1:s, j * d:j * d + (w_out - 1) * s + 1:s]
+                for i in range(k) for j in range(k)]
+        cols = torch.stack(taps, dim=2).reshape(b, self.in_chs * k * k, h_out * w_out)
+        y = torch.matmul(weight.reshape(b, self.out_chs, self.in_chs * k * k), cols)
+        return y.reshape(b, self.out_chs, h_out, w_out)
 
     def extra_repr(self) -> str:
         return f"{self.in_chs}, {self.out_chs}, kernel_size={self.kernel_size}, kernel_num={self.kernel_num}"

@@ -24,7 +24,9 @@ def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
     """Replicate-pad the bottom and right so both sides are multiples of ``multiple``."""
     h, w = x.shape[-2:]
     pad_h, pad_w = (-h) % multiple, (-w) % multiple
-    if pad_h == 0 and pad_w == 0:
+    # While tracing for export the sizes are symbolic: always pad, or the graph would keep the
+    # example input's "no padding needed" and fail on other sizes.
+    if pad_h == 0 and pad_w == 0 and not torch.jit.is_tracing():
         return x
     return F.pad(x, (0, pad_w, 0, pad_h), mode="replicate")
 

@@ -1,0 +1,309 @@
+"""Export a model to ONNX or TorchScript; the file appears only once it matches PyTorch.
+
+ONNX export uses PyTorch's TorchScript-based exporter (``torch.onnx.export(..., dynamo=False)``).
+It exports SCSONet with dynamic batch, height and width on every torch from 2.2 on and needs no
+package beyond ``onnx``; the dynamo exporter needs ``onnxscript`` and was still experimental in
+the older releases that ``scsonet`` supports. While tracing, ODConv switches to a per-sample
+im2col matmul (``ODConv2d._per_sample_conv``), since its batch-grouped convolution would freeze
+the batch size.
+
+After writing, the export is checked: ONNX Runtime (or the reloaded TorchScript module) against
+the eager PyTorch model on random inputs (batches of 1, 3 and 8 at the preset size and one
+250 x 333 image) and on real images. The largest absolute logit difference must stay under
+``tolerance`` (1e-4); otherwise nothing is written. ``quantize='int8'`` then quantises the
+checked ONNX graph statically (QDQ, per-channel int8 weights, activations calibrated on real
+images); that model is approximate, so its check reports the mask agreement instead of failing.
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+import json
+import os
+import tempfile
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from . import __version__
+from ._io import atomic_path
+from .errors import ScsonetError
+from .models import LoadedModel, load_model
+
+__all__ = ["CheckResult", "ExportReport", "FORMATS", "QUANTIZE", "check_inputs", "export_model", "export_onnx",
+           "export_torchscript", "model_metadata", "quantize_int8"]
+
+FORMATS = ("onnx", "torchscript")
+QUANTIZE = ("int8",)
+DEFAULT_OPSET = 17
+TOLERANCE = 1e-4
+ODD_SIZE = (250, 333)  # sides that are not multiples of 32: exercises the model's padding
+RANDOM_BATCHES = (1, 3, 8)
+MAX_REAL_IMAGES = 50
+CHECK_BATCH = 8
+TORCHSCRIPT_METADATA = "scsonet.json"  # extra file inside a TorchScript archive
+_DYNAMIC_AXES = {"image": {0: "batch", 2: "height", 3: "width"}, "logits": {0: "batch", 2: "height", 3: "width"}}
+
+
+@dataclass
+class CheckResult:
+    """One comparison of an exported model with the eager PyTorch model."""
+
+    name: str
+    shape: tuple[int, ...]
+    max_abs_diff: float  # largest |logit difference| to PyTorch in float32
+    max_abs_diff_fp64: float  # ... and to PyTorch in float64 (the exact result, to ~1e-12)
+    mask_agreement: float  # fraction of pixels on the same side of the threshold as float32 PyTorch
+
+    @property
+    def error(self) -> float:
+        """What the gate judges: the distance to the nearer of the two references."""
+        return min(self.max_abs_diff, self.max_abs_diff_fp64)
+
+    def line(self) -> str:
+        return (f"{self.name:<28} {'x'.join(map(str, self.shape)):<14} max |diff| float32 {self.max_abs_diff:.1e}"
+                f"  float64 {self.max_abs_diff_fp64:.1e}  masks agree {100 * self.mask_agreement:.4f} %")
+
+
+@dataclass
+class ExportReport:
+    path: Path
+    format: str
+    checks: list[CheckResult] = field(default_factory=list)
+    metadata: dict[str, str] = field(default_factory=dict)
+    exact: bool = True  # False for int8: the checks measure, they do not gate
+
+    @property
+    def max_abs_diff(self) -> float:
+        return max((c.max_abs_diff for c in self.checks), default=float("nan"))
+
+    @property
+    def max_error(self) -> float:
+        return max((c.error for c in self.checks), default=float("nan"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": str(self.path), "format": self.format, "exact": self.exact,
+                "max_abs_diff": self.max_abs_diff, "max_error": self.max_error, "checks": [asdict(c) for c in self.checks],
+                "metadata": self.metadata}
+
+
+def model_metadata(loaded: LoadedModel, threshold: Optional[float] = None, **extra: str) -> dict[str, str]:
+    """What a runtime needs to feed the model and read its output, as string key/value pairs."""
+    preset = loaded.preset
+    return {
+        "arch": loaded.name,
+        "weights": loaded.source,
+        "input_name": "image",
+        "input_layout": "NCHW float32, RGB; any batch, height and width (sides padded to multiples of 32 inside)",
+        "input_range": "RGB uint8 0..255, then (x / 255 - mean) / std per channel",
+        "resize_size": json.dumps(list(preset.resize_size)),
+        "mean": json.dumps(list(preset.mean)),
+        "std": json.dumps(list(preset.std)),
+        "threshold": str(float(loaded.meta.get("threshold", 0.5) if threshold is None else threshold)),
+        "output": "logits (N, 1, H, W); lesion probability = sigmoid(logits); lesion where probability >= threshold",
+        "scsonet_version": __version__,
+        "torch_version": torch.__version__,
+        **extra,
+    }
+
+
+def check_inputs(loaded: LoadedModel, images: Sequence[str | os.PathLike] = (), seed: int = 0,
+                 max_images: int = MAX_REAL_IMAGES) -> list[tuple[str, torch.Tensor]]:
+    """Named, normalised input batches: random ones (batches 1, 3, 8 at the preset size and one
+    250 x 333 image), then up to ``max_images`` real images in batches of ``CHECK_BATCH``."""
+    gen = torch.Generator().manual_seed(seed)
+    h, w = loaded.preset.resize_size
+    batches = [(f"random batch {n}", torch.randn(n, 3, h, w, generator=gen)) for n in RANDOM_BATCHES]
+    batches.append(("random odd size", torch.randn(1, 3, *ODD_SIZE, generator=gen)))
+    real = _real_images(loaded, images, max_images)
+    for start in range(0, len(real), CHECK_BATCH):
+        names, arrays = zip(*real[start:start + CHECK_BATCH])
+        label = names[0] if len(names) == 1 else f"{names[0]} +{len(names) - 1}"
+        batches.append((f"real {label}", loaded.preset.normalize(torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float())))
+    return batches
+
+
+def _real_images(loaded: LoadedModel, images: Sequence[str | os.PathLike], max_images: int) -> list[tuple[str, np.ndarray]]:
+    """(name, (H, W, 3) uint8 at the preset size) of the readable images among ``images``."""
+    from .imageio import expand_inputs, read_image
+    from .postprocess import resize_image
+
+    paths, errors = expand_inputs(images) if images else ([], [])
+    if errors:
+        raise ScsonetError(errors[0].message)
+    return [(p.name, resize_image(read_image(p), tuple(loaded.preset.resize_size))) for p in paths[:max_images]]
+
+
+def default_check_images() -> list[Path]:
+    """The sample images shipped with scsonet, if this installation has them."""
+    try:
+        from .inference import sample_images
+
+        return sample_images()
+    except (ImportError, OSError):
+        return []
+
+
+def _compare(run: Callable[[torch.Tensor], np.ndarray], model: nn.Module, batches, threshold: float) -> list[CheckResult]:
+    """Run each batch through the export (``run``) and through ``model`` in float32 and float64."""
+    model64 = copy.deepcopy(model).double()
+    # Masks compared on logits: sigmoid(l) >= t  <=>  l >= log(t / (1 - t)).
+    cut = np.log(threshold / (1 - threshold)) if 0 < threshold < 1 else (-np.inf if threshold <= 0 else np.inf)
+    results = []
+    with torch.inference_mode():
+        for name, x in batches:
+            expected, exact = model(x).numpy(), model64(x.double()).numpy()
+            got = np.asarray(run(x))
+            if got.shape != expected.shape:
+                raise ScsonetError(f"exported model gives shape {got.shape} on {name}, PyTorch {expected.shape}")
+            results.append(CheckResult(name, tuple(x.shape), float(np.max(np.abs(got - expected))),
+                                       float(np.max(np.abs(got - exact))),
+                                       float(np.mean((got >= cut) == (expected >= cut)))))
+    return results
+
+
+def _gate(checks: list[CheckResult], out: Path, tolerance: float) -> None:
+    """Refuse the export if, on any batch, it is off both float32 and float64 PyTorch by > tolerance.
+
+    Both references count because PyTorch's float32 kernels are not the exact result either: its
+    GroupNorm over the 131,072 values per group of the first stage is itself up to ~1e-4 off
+    the float64 model on real images, while ONNX Runtime's normalisation is closer to it.
+    """
+    worst = max(checks, key=lambda c: c.error)
+    if not worst.error <= tolerance:  # also catches NaN
+        raise ScsonetError(f"{out}: export check failed, not written: max |logit difference| to PyTorch "
+                           f"{worst.max_abs_diff:.3g} (float32), {worst.max_abs_diff_fp64:.3g} (float64) "
+                           f"> {tolerance:g} on {worst.name}")
+
+
+def _quiet_export(fn: Callable[[], Any]) -> Any:
+    """Run an exporter without its deprecation and tracer warnings (the checks judge the result)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fn()
+
+
+def _write_onnx(model: nn.Module, path: Path, size: tuple[int, int], opset: int, metadata: dict[str, str]) -> None:
+    import onnx
+
+    kwargs: dict[str, Any] = dict(input_names=["image"], output_names=["logits"], opset_version=opset,
+                                  dynamic_axes=_DYNAMIC_AXES, do_constant_folding=True)
+    if "dynamo" in inspect.signature(torch.onnx.export).parameters:
+        kwargs["dynamo"] = False  # torch >= 2.9 defaults to the dynamo exporter
+    example = torch.zeros(1, 3, *size)
+    _quiet_export(lambda: torch.onnx.export(model, (example,), str(path), **kwargs))
+    proto = onnx.load(str(path))
+    onnx.helper.set_model_props(proto, metadata)
+    proto.doc_string = "SCSONet skin-lesion segmentation; preprocessing in metadata_props"
+    onnx.checker.check_model(proto)
+    onnx.save(proto, str(path))
+
+
+def export_onnx(loaded: LoadedModel, out: str | os.PathLike, *, opset: int = DEFAULT_OPSET, check: bool = True,
+                check_images: Sequence[str | os.PathLike] = (), tolerance: float = TOLERANCE,
+                threshold: Optional[float] = None, quantize: Optional[str] = None,
+                calibration_images: Sequence[str | os.PathLike] = ()) -> ExportReport:
+    """Write ``loaded`` as ONNX to ``out`` (atomically), with its preprocessing in the metadata.
+
+    Args:
+        loaded: model and preprocessing from ``scsonet.models.load_model``.
+        out: the ``.onnx`` file.
+        opset: ONNX opset (17).
+        check: compare ONNX Runtime with PyTorch and refuse to write on a mismatch (True).
+        check_images: real images (files, folders, globs) for the check, besides random inputs.
+        tolerance: largest allowed absolute logit difference (1e-4).
+        threshold: probability threshold recorded in the metadata (the weights', else 0.5).
+        quantize: None, or ``'int8'`` for a statically quantised model (approximate).
+        calibration_images: images that calibrate the int8 activation ranges (default: ``check_images``).
+    """
+    from .onnx_runtime import make_session
+
+    if quantize not in (None, *QUANTIZE):
+        raise ScsonetError(f"quantize must be one of {QUANTIZE}, not {quantize!r}")
+    out = Path(out)
+    model = loaded.model.cpu().eval()
+    metadata = model_metadata(loaded, threshold, exporter=f"torch {torch.__version__} torch.onnx (TorchScript-based)",
+                              opset=str(opset), precision=quantize or "float32")
+    report = ExportReport(out, "onnx", metadata=metadata, exact=quantize is None)
+    threshold = float(metadata["threshold"])
+    with atomic_path(out) as tmp:
+        _write_onnx(model, tmp, tuple(loaded.preset.resize_size), opset, metadata)
+        if check or quantize:
+            batches = check_inputs(loaded, check_images)
+        if check:
+            session = make_session(tmp)
+            report.checks = _compare(lambda x: session.run(None, {"image": x.numpy()})[0], model, batches, threshold)
+            _gate(report.checks, out, tolerance)
+        if quantize:
+            calibration = check_inputs(loaded, calibration_images or check_images)[len(RANDOM_BATCHES) + 1:]
+            if not calibration:
+                raise ScsonetError(f"{out}: int8 quantisation needs real images to calibrate on "
+                                   "(--calibration-images or --check-images)")
+            quantize_int8(tmp, tmp, [x.numpy() for _, x in calibration])
+            session = make_session(tmp)
+            report.checks = _compare(lambda x: session.run(None, {"image": x.numpy()})[0], model, batches, threshold)
+    return report
+
+
+def quantize_int8(src: str | os.PathLike, dst: str | os.PathLike, calibration: Sequence[np.ndarray]) -> None:
+    """Quantise an ONNX model statically: per-channel int8 weights, uint8 activations (QDQ), the
+    activation ranges taken from ``calibration`` batches of normalised images."""
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class _Reader(CalibrationDataReader):
+        def __init__(self):
+            self._batches = iter(calibration)
+
+        def get_next(self):
+            batch = next(self._batches, None)
+            return None if batch is None else {"image": batch}
+
+    metadata = {p.key: p.value for p in onnx.load(str(src)).metadata_props}
+    with tempfile.TemporaryDirectory() as tmp:
+        # quantize_static writes side files (augmented model) next to its output: keep them in tmp.
+        staged = Path(tmp) / "int8.onnx"
+        quantize_static(str(src), str(staged), _Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        proto = onnx.load(str(staged))
+        onnx.helper.set_model_props(proto, metadata)
+        onnx.save(proto, str(dst))
+
+
+def export_torchscript(loaded: LoadedModel, out: str | os.PathLike, *, check: bool = True,
+                       check_images: Sequence[str | os.PathLike] = (), tolerance: float = TOLERANCE,
+                       threshold: Optional[float] = None) -> ExportReport:
+    """Trace ``loaded`` to a TorchScript archive at ``out`` (atomically), for C++ and mobile.
+
+    The archive holds ``scsonet.json`` (the preprocessing; ``torch.jit.load(path, _extra_files=...)``
+    reads it) and accepts any batch, height and width. ``check`` reloads the archive and compares
+    it with the eager model as ``export_onnx`` does.
+    """
+    out = Path(out)
+    model = loaded.model.cpu().eval()
+    metadata = model_metadata(loaded, threshold, exporter=f"torch {torch.__version__} torch.jit.trace")
+    report = ExportReport(out, "torchscript", metadata=metadata)
+    example = torch.zeros(1, 3, *loaded.preset.resize_size)
+    with atomic_path(out) as tmp:
+        with torch.no_grad():
+            traced = _quiet_export(lambda: torch.jit.trace(model, example, check_trace=False))
+        torch.jit.save(traced, str(tmp), _extra_files={TORCHSCRIPT_METADATA: json.dumps(metadata)})
+        if check:
+            reloaded = torch.jit.load(str(tmp), map_location="cpu")
+            report.checks = _compare(lambda x: reloaded(x).numpy(), model, check_inputs(loaded, check_images),
+                                     float(metadata["threshold"]))
+            _gate(report.checks, out, tolerance)
+    return report
+
+
+def export_model(weights: str | os.PathLike | LoadedModel, out: str | os.PathLike, fmt: str = "onnx", **kwargs) -> ExportReport:
+    """``scsonet export``: load ``weights`` (name, ``.pt`` or ``.safetensors``) and export to ``fmt``."""
+    if fmt not in FORMATS:
+        raise ScsonetError(f"format must be one of {FORMATS}, not {fmt!r}")
+    loaded = weights if isinstance(weights, LoadedModel) else load_model(weights, "cpu")
+    return (export_onnx if fmt == "onnx" else export_torchscript)(loaded, out, **kwargs)
