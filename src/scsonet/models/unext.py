@@ -29,9 +29,9 @@ def _shift_groups(x: torch.Tensor, dim: int, shift_size: int) -> torch.Tensor:
     return torch.cat([g.narrow(dim, pad - s, size) for g, s in zip(groups, range(-pad, pad + 1))], dim=1)
 
 
-def _channels_last_linear(fc: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """Apply a token-wise linear layer to a (B, C, H, W) map."""
-    return fc(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+def _per_token(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Apply a token-wise layer (Linear, LayerNorm) to every position of a (B, C, H, W) map."""
+    return layer(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
 class _ShiftedMLPBlock(nn.Module):
@@ -58,37 +58,32 @@ class _ShiftedMLPBlock(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-        y = _channels_last_linear(self.fc1, _shift_groups(y, 2, self.shift_size))
+        y = _per_token(self.fc1, _shift_groups(_per_token(self.norm, x), 2, self.shift_size))
         y = self.act(self.dwconv(y))
-        y = _channels_last_linear(self.fc2, _shift_groups(y, 3, self.shift_size))
+        y = _per_token(self.fc2, _shift_groups(y, 3, self.shift_size))
         return x + y
 
 
 class _TokenStage(nn.Module):
     """Optional stride-2 3x3 patch embedding (+ LN), one shifted-MLP block, LayerNorm."""
 
-    def __init__(self, in_chs: int, dim: int, embed: bool, act_layer):
+    def __init__(self, in_chs: int, dim: int, act_layer, embed: bool = True):
         super().__init__()
         self.embed = nn.Conv2d(in_chs, dim, 3, stride=2, padding=1) if embed else None
         self.embed_norm = nn.LayerNorm(dim) if embed else None
         self.block = _ShiftedMLPBlock(dim, act_layer=act_layer)
         self.norm = nn.LayerNorm(dim)
 
-    @staticmethod
-    def _channel_norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
-        return norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.embed is not None:
-            x = self._channel_norm(self.embed_norm, self.embed(x))
-        return self._channel_norm(self.norm, self.block(x))
+            x = _per_token(self.embed_norm, self.embed(x))
+        return _per_token(self.norm, self.block(x))
 
 
 class _ConvStage(nn.Module):
     """3x3 conv -> (BatchNorm) -> resample x2 (max-pool or bilinear up) -> ReLU."""
 
-    def __init__(self, in_chs: int, out_chs: int, up: bool, act_layer, norm: bool = True):
+    def __init__(self, in_chs: int, out_chs: int, act_layer, up: bool = False, norm: bool = True):
         super().__init__()
         self.conv = nn.Conv2d(in_chs, out_chs, 3, padding=1)
         self.norm = nn.BatchNorm2d(out_chs) if norm else nn.Identity()
@@ -145,21 +140,24 @@ class UNeXt(nn.Module):
         self.in_chans = in_chans
         self.embed_dims = tuple(c)
         self.encoder = nn.ModuleList([
-            _ConvStage(in_chans, c[0], False, act),
-            _ConvStage(c[0], c[1], False, act),
-            _ConvStage(c[1], c[2], False, act),
-            _TokenStage(c[2], c[3], True, nn.GELU),
-            _TokenStage(c[3], c[4], True, nn.GELU),
+            _ConvStage(in_chans, c[0], act),
+            _ConvStage(c[0], c[1], act),
+            _ConvStage(c[1], c[2], act),
+            _TokenStage(c[2], c[3], nn.GELU),
+            _TokenStage(c[3], c[4], nn.GELU),
         ])
         self.decoder = nn.ModuleList([
-            _ConvStage(c[4], c[3], True, act),
-            _ConvStage(c[3], c[2], True, act),
-            _ConvStage(c[2], c[1], True, act),
-            _ConvStage(c[1], c[0], True, act),
-            _ConvStage(c[0], c[0], True, act, norm=False),
+            _ConvStage(c[4], c[3], act, up=True),
+            _ConvStage(c[3], c[2], act, up=True),
+            _ConvStage(c[2], c[1], act, up=True),
+            _ConvStage(c[1], c[0], act, up=True),
+            _ConvStage(c[0], c[0], act, up=True, norm=False),
         ])
         # Shifted-MLP blocks after adding the skip at H/16 and H/8.
-        self.decoder_tokens = nn.ModuleList([_TokenStage(c[3], c[3], False, nn.GELU), _TokenStage(c[2], c[2], False, nn.GELU)])
+        self.decoder_tokens = nn.ModuleList([
+            _TokenStage(c[3], c[3], nn.GELU, embed=False),
+            _TokenStage(c[2], c[2], nn.GELU, embed=False),
+        ])
         self.segmentation_head = nn.Conv2d(c[0], num_classes, 1)
         if device is not None or dtype is not None:
             self.to(device=device, dtype=dtype)
