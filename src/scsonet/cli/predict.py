@@ -18,6 +18,9 @@ def register(subparsers) -> None:
     p.add_argument("--weights", default="scsonet-isic2017",
                    help="pretrained name, training checkpoint (.pt) or .safetensors with its card (scsonet-isic2017)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (auto)")
+    p.add_argument("--backend", choices=["torch", "onnxruntime"], default="torch",
+                   help="torch, or onnxruntime with --weights MODEL.onnx from `scsonet export` (no PyTorch needed) (torch)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads of the onnxruntime backend (one per core)")
     p.add_argument("--threshold", type=float, default=0.5, help="probability at or above which a pixel is lesion (0.5)")
     p.add_argument("--tta", action="store_true", help="average over horizontal and vertical flips (4 passes)")
     p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (8)")
@@ -30,22 +33,44 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from .._device import resolve_device
-    from ..inference import TorchSegmenter, predict_files, sample_images
-    from ..models import load_model
+    from ..inference import predict_files, sample_images
 
     inputs = [*args.inputs, *(sample_images() if args.samples else [])]
     if not inputs:
         raise ScsonetError("no inputs: name image files, folders or glob patterns, or pass --samples")
-    device = resolve_device(args.device)
-    loaded = load_model(args.weights, device)
-    segmenter = TorchSegmenter(loaded, device, tta=args.tta)
+    if args.backend == "onnxruntime":
+        segmenter, source = _onnxruntime_segmenter(args)
+    else:
+        segmenter, source = _torch_segmenter(args)
     rows = predict_files(inputs, segmenter, args.out, threshold=args.threshold, batch_size=args.batch_size,
                          save_probabilities=args.save_probabilities, skip_existing=args.skip_existing,
                          progress=not args.quiet,
-                         settings={"backend": "torch", "weights": loaded.source, "tta": args.tta})
+                         settings={"backend": args.backend, "weights": source, "tta": args.tta})
     failed = sum(row["status"] == "error" for row in rows)
     no_lesion = sum(row["status"] == "ok" and not row["lesion_found"] for row in rows)
     print(f"{len(rows) - failed} image(s) segmented ({no_lesion} with no lesion found), {failed} failed; "
           f"masks, overlays and results.csv in {args.out}")
     return 1 if failed else 0
+
+
+def _torch_segmenter(args):
+    from .._device import resolve_device
+    from ..inference import TorchSegmenter
+    from ..models import load_model
+
+    device = resolve_device(args.device)
+    loaded = load_model(args.weights, device)
+    return TorchSegmenter(loaded, device, tta=args.tta), loaded.source
+
+
+def _onnxruntime_segmenter(args):
+    try:
+        from ..onnx_runtime import OrtSegmenter
+    except ImportError as err:
+        raise ScsonetError(f"--backend onnxruntime needs the onnxruntime package ({err})") from None
+    if Path(args.weights).suffix != ".onnx":
+        raise ScsonetError(f"--backend onnxruntime needs --weights MODEL.onnx (from `scsonet export`), "
+                           f"not {args.weights!r}")
+    if args.device not in ("auto", "cpu"):
+        raise ScsonetError(f"--backend onnxruntime runs on the CPU; --device {args.device} is not supported")
+    return OrtSegmenter(args.weights, threads=args.threads, tta=args.tta), str(args.weights)
