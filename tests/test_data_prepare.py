@@ -16,7 +16,7 @@ from PIL import Image
 from _synthdata import (OUT, check_pairs, encode, folder_dataset, image_array, isic_parts, mask_array,
                         write_files, write_zip)
 from scsonet.cli.main import main
-from scsonet.data.imageio import binarize_mask, read_image, read_mask
+from scsonet.data.decode import binarize_mask, read_image, read_mask
 from scsonet.data.layouts import list_pairs
 from scsonet.data.prepare import channel_stats, prepare_dataset
 from scsonet.errors import ScsonetError

@@ -3,6 +3,9 @@
 EXIF orientation is applied; grayscale, palette, RGBA, CMYK and 16-bit inputs become 8-bit RGB.
 Images are resized with PIL's bilinear filter, which widens its support when shrinking (an
 area-like average, no aliasing); masks are resized with nearest neighbour and then binarised.
+A mask goes straight to the output size, as its image does: where the two files differ in size
+(the shared ISIC 2017 copy keeps full-resolution masks beside downscaled images) that is the same
+plain stretch as resizing the mask to its image first, with one resampling instead of two.
 """
 from __future__ import annotations
 
@@ -12,8 +15,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import ScsonetError
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
+from ..imageio import _pil_to_rgb as pil_to_rgb  # any mode, 16-bit and float rescaled
 
 _EXIF_ORIENTATION = 0x0112
 _SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
@@ -33,21 +35,11 @@ def open_image(data: bytes, name: str) -> Image.Image:
         raise ScsonetError(f"{name}: unreadable or not an image ({type(err).__name__}: {err})") from None
 
 
-def _sixteen_to_eight(img: Image.Image) -> np.ndarray:
-    # Full 16-bit range 0..65535 maps onto 0..255; 65535 / 257 == 255 exactly.
-    return (np.asarray(img, dtype=np.float64) / 257.0).round().clip(0, 255).astype(np.uint8)
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL mode -> 8-bit RGB (alpha dropped, 16-bit rescaled)."""
-    if img.mode in _SIXTEEN_BIT_MODES:
-        return Image.fromarray(_sixteen_to_eight(img)).convert("RGB")
-    return img if img.mode == "RGB" else img.convert("RGB")
-
-
 def read_image(data: bytes, name: str, size: tuple[int, int] | None = None) -> np.ndarray:
     """Encoded image -> uint8 (H, W, 3), resized to ``size`` = (H, W) when given."""
-    img = to_rgb(open_image(data, name))
+    img = open_image(data, name)
+    if img.mode != "RGB":
+        img = Image.fromarray(pil_to_rgb(img))
     if size is not None and img.size != (size[1], size[0]):
         img = img.resize((size[1], size[0]), Image.Resampling.BILINEAR)
     return np.asarray(img, dtype=np.uint8)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Collection
 
 from ..errors import ScsonetError
-from .imageio import IMAGE_SUFFIXES
+from ..imageio import IMAGE_SUFFIXES
 from .sources import FileRef, find_part, list_files
 
 # Stripped from a mask's stem to find its image ID, tried in this order.

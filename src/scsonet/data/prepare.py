@@ -29,7 +29,7 @@ from tqdm import tqdm
 from .. import __version__
 from .._io import atomic_dir
 from ..errors import ScsonetError
-from .imageio import read_image, read_mask
+from .decode import read_image, read_mask
 from .layouts import LAYOUTS, Pair, Problem, list_pairs
 from .sources import close_archives
 from .splits import SPLITS, check_split_file, random_split, read_split_file
@@ -113,6 +113,15 @@ def _mask_warning(image_id: str, mask: np.ndarray, file: str) -> str:
     return ""
 
 
+def _write_split(root: Path, split: str, images: np.ndarray, masks: np.ndarray, ids: list[str]) -> dict[str, str]:
+    """Write one split's files under ``root/split``; return {relative path: sha256}."""
+    (root / split).mkdir()
+    np.save(root / split / "images.npy", images)
+    np.save(root / split / "masks.npy", masks)
+    (root / split / "ids.txt").write_text("".join(f"{i}\n" for i in ids))
+    return {f"{split}/{name}": sha256_file(root / split / name) for name in ("images.npy", "masks.npy", "ids.txt")}
+
+
 def prepare_dataset(dataset: str, src: str | Path, out: str | Path, *, size: int | str | Sequence[int] = 256,
                     split_file: str | Path | None = None, seed: int = 42, test_ratio: float = 0.3,
                     val_ratio: float = 0.1, skip_bad: bool = False, overwrite: bool = False,
@@ -143,15 +152,15 @@ def prepare_dataset(dataset: str, src: str | Path, out: str | Path, *, size: int
 
     listing = list_pairs(dataset, src)
     problems = list(listing.problems)
-    pairs = listing.pairs
     if split_file is not None:
         assignment = read_split_file(split_file)
-        problems += check_split_file(assignment, {p.id for p in pairs}, {p.id for p in problems}, str(split_file))
-        pairs = [p for p in pairs if p.id in assignment]
+        problems += check_split_file(assignment, {p.id for p in listing.pairs}, {p.id for p in problems},
+                                     str(split_file))
         split_info = {"method": "file", "file": str(Path(split_file).resolve()), "sha256": sha256_file(split_file)}
     else:
-        assignment = random_split([p.id for p in pairs], seed, test_ratio, val_ratio)
+        assignment = random_split([p.id for p in listing.pairs], seed, test_ratio, val_ratio)
         split_info = {"method": "random", "seed": seed, "test_ratio": test_ratio, "val_ratio": val_ratio}
+    pairs = [p for p in listing.pairs if p.id in assignment]
     _check_problems(problems, skip_bad)  # fail before the slow part
     split_ids = {s: [p.id for p in pairs if assignment[p.id] == s] for s in SPLITS}
     if not split_ids["train"]:
@@ -192,13 +201,8 @@ def prepare_dataset(dataset: str, src: str | Path, out: str | Path, *, size: int
     with atomic_dir(out, overwrite=overwrite) as tmp:
         files = {}
         for s, ids in split_ids.items():
-            if not ids:
-                continue
-            (tmp / s).mkdir()
-            np.save(tmp / s / "images.npy", images[s])
-            np.save(tmp / s / "masks.npy", masks[s])
-            (tmp / s / "ids.txt").write_text("".join(f"{i}\n" for i in ids))
-            files.update({f"{s}/{name}": sha256_file(tmp / s / name) for name in ("images.npy", "masks.npy", "ids.txt")})
+            if ids:
+                files.update(_write_split(tmp, s, images[s], masks[s], ids))
         manifest = {
             "format": FORMAT,
             "dataset": dataset,
@@ -209,7 +213,7 @@ def prepare_dataset(dataset: str, src: str | Path, out: str | Path, *, size: int
             "stats": {"mean": mean, "std": std, "computed_on": "train", "scale": "0..1"},
             "files": files,
             "skipped": [{"file": p.file, "reason": p.reason, "id": p.id} for p in problems],
-            "warnings": warnings,
+            "warnings": sorted(warnings),
             "notes": listing.notes,
             "scsonet_version": __version__,
             "seconds": round(time.perf_counter() - start, 1),
