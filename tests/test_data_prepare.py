@@ -320,6 +320,8 @@ def test_cli_prepare_and_show(tmp_path, capsys):
     assert "train 4 / test 2 pairs at 16x16" in capsys.readouterr().out
     assert main(["data", "show", str(out), "--n", "3", "--out", str(tmp_path / "grid.png")]) == 0
     assert Image.open(tmp_path / "grid.png").size[0] > 3 * 16
+    assert main(["data", "show", str(out), "--out", str(tmp_path / "grid.xyz")]) == 2
+    assert "unknown picture format" in capsys.readouterr().err
     assert main(["data", "prepare", "--dataset", "folder", "--src", str(src), "--out", str(out)]) == 2
     assert "already exists" in capsys.readouterr().err
 
@@ -354,3 +356,14 @@ def test_real_isic2017_prepare_acceptance(tmp_path):
                         split_file=SHARED_ISIC2017 / "split_7_3.csv", progress=False)
     assert {s: v["count"] for s, v in m["splits"].items()} == {"train": 1350, "val": 150, "test": 650}
     assert not m["skipped"]
+
+
+def test_mask_outline_is_the_inner_border():
+    from scsonet.data.show import mask_outline
+
+    mask = np.zeros((10, 10), np.uint8)
+    mask[2:8, 2:8] = 1
+    outline = mask_outline(mask, width=1)
+    expected = mask.astype(bool)
+    expected[3:7, 3:7] = False
+    np.testing.assert_array_equal(outline, expected)
