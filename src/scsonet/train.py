@@ -1,0 +1,360 @@
+"""Training loop for SCSONet and its peers, readable top to bottom (after nanoGPT's train.py).
+
+One device (CUDA, Apple MPS or CPU, chosen automatically):
+    scsonet train --config configs/isic2017_scsonet.yaml
+Continue a killed run from its last completed epoch:
+    scsonet train --resume runs/<run>
+Two processes with torch.distributed (gloo on the CPU, NCCL on GPUs):
+    torchrun --standalone --nproc_per_node 2 -m scsonet.cli.main train --config configs/isic2017_scsonet.yaml
+
+Protocols: ``honest`` fits on train, selects the checkpoint on val and reads test once, at the
+end; ``paper`` fits on train+val and selects on test, as the published tables did (every output
+of such a run says so).
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import io
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import yaml
+
+from ._device import resolve_device
+from ._io import torch_save_atomic, write_json_atomic, write_text_atomic
+from .errors import ScsonetError
+from .evaluation import evaluate, write_report
+from .losses import BceDiceLoss
+from .models import create_model
+
+PROTOCOLS = {
+    # protocol: (splits fitted on, split that selects the checkpoint)
+    "honest": (("train",), "val"),
+    "paper": (("train", "val"), "test"),
+}
+LOG_COLUMNS = ("epoch", "lr", "loss", "select_split", "select_dsc", "select_miou", "best_dsc", "seconds")
+
+
+@dataclass
+class TrainConfig:
+    data: str = "data/isic2017"  # prepared dataset folder (scsonet data prepare)
+    model: str = "scsonet"  # registered model name
+    model_args: dict = field(default_factory=dict)  # extra constructor arguments of the model
+    protocol: str = "honest"  # honest | paper (see module docstring)
+    epochs: int = 300  # the paper's 300
+    batch_size: int = 8  # per process
+    lr: float = 1e-3  # AdamW learning rate
+    weight_decay: float = 1e-2  # AdamW weight decay
+    t_max: int = 50  # cosine half-period in epochs; the rate then climbs back (CosineAnnealingLR)
+    eta_min: float = 1e-5  # cosine floor
+    bce_weight: float = 1.0  # BCE + Dice, 1:1 in the paper
+    dice_weight: float = 1.0
+    augment: bool = True  # flips and rotation, p = 0.5 each, per sample
+    seed: int = 42
+    eval_every: int = 1  # epochs between selections on the selection split
+    eval_batch_size: int = 16
+    max_minutes: float = 0.0  # stop after the epoch that passes this wall-clock budget (0 = none)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    amp: str = "off"  # off | bf16 (autocast; this tiny network is launch-bound, so off is the default)
+    cuda_graph: bool = True  # capture the whole training step as a CUDA graph (single CUDA process)
+    threads: int = 0  # CPU threads for torch (0 = torch's default)
+    out_dir: str = "runs"  # run directories are created here
+    run_name: str = ""  # default: <model>-<protocol>-s<seed>
+    tensorboard: bool = True  # log to TensorBoard when it is installed
+    progress: bool = True  # progress bar
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """Defaults, then a YAML file, then ``key=value`` overrides, each checked against its default's type."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ScsonetError(f"{path}: config file not found")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ScsonetError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+        if not isinstance(values, dict):
+            raise ScsonetError(f"{path}: a config must be a mapping of key: value")
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ScsonetError(f"--set {item!r}: expected key=value")
+        values[key.strip()] = yaml.safe_load(raw)
+    defaults = TrainConfig()
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    checked = {}
+    for key, value in values.items():
+        if key not in known:
+            raise ScsonetError(f"unknown config key {key!r}; known keys: {', '.join(sorted(known))}")
+        expected = type(getattr(defaults, key))
+        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+            raise ScsonetError(f"config {key}={value!r}: expected {expected.__name__}")
+        checked[key] = value
+    cfg = TrainConfig(**checked)
+    if cfg.protocol not in PROTOCOLS:
+        raise ScsonetError(f"config protocol={cfg.protocol!r}: choose from {', '.join(PROTOCOLS)}")
+    if cfg.amp not in ("bf16", "off"):
+        raise ScsonetError(f"config amp={cfg.amp!r}: choose from off, bf16")
+    return cfg
+
+
+def get_lr(epoch: int, cfg: TrainConfig) -> float:
+    """Cosine annealing in closed form, as torch's CosineAnnealingLR: period 2 * t_max epochs."""
+    return cfg.eta_min + (cfg.lr - cfg.eta_min) * (1 + math.cos(math.pi * epoch / cfg.t_max)) / 2
+
+
+class NonFiniteLoss(ScsonetError):
+    pass
+
+
+def _setup_distributed(cfg: TrainConfig):
+    """(rank, world_size, device); initialises the process group under torchrun."""
+    if "RANK" not in os.environ:
+        return 0, 1, resolve_device(cfg.device)
+    rank, world_size, local_rank = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    use_cuda = torch.cuda.is_available() and cfg.device in ("auto", "cuda")
+    dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    device = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    return rank, world_size, device
+
+
+def _write_log(path: Path, history: list[dict[str, Any]]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=LOG_COLUMNS)
+    writer.writeheader()
+    writer.writerows(history)
+    write_text_atomic(path, buf.getvalue())
+
+
+class _GraphedStep:
+    """The whole training step (forward, loss, backward, AdamW) replayed as one CUDA graph.
+
+    A tiny network at batch 8 is bound by kernel-launch overhead on a GPU; replaying a captured
+    graph removes it. Shapes are fixed (the loader drops the last partial batch) and the learning
+    rate lives in a tensor that the graph reads.
+    """
+
+    warmup_steps = 3
+
+    def __init__(self, model, criterion, optimizer, x_like, y_like):
+        self.model, self.criterion, self.optimizer = model, criterion, optimizer
+        self.x, self.y = torch.empty_like(x_like), torch.empty_like(y_like)
+        self.graph = None
+        self.loss = None
+        self.steps = 0
+
+    def _step(self):
+        loss = self.criterion(self.model(self.x), self.y)
+        loss.backward()
+        self.optimizer.step()
+        return loss
+
+    def __call__(self, x, y):
+        self.x.copy_(x)
+        self.y.copy_(y)
+        if self.graph is None and self.steps >= self.warmup_steps:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.loss = self._step()
+        if self.graph is not None:
+            self.graph.replay()
+            loss = self.loss
+        else:  # warm-up on a side stream, as graph capture requires
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                self.optimizer.zero_grad(set_to_none=True)
+                loss = self._step()
+            torch.cuda.current_stream().wait_stream(stream)
+        self.steps += 1
+        return loss
+
+
+def train(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> Path:
+    """Train as ``cfg`` says (or continue ``resume``); returns the run directory."""
+    from .data import PreparedData, SplitArrays
+    from .data.loader import TrainLoader
+
+    rank, world_size, device = _setup_distributed(cfg)
+    master = rank == 0
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    fit_splits, select_split = PROTOCOLS[cfg.protocol]
+
+    # -- run directory and state: fresh, or from the last checkpoint of a killed run
+    if resume is not None:
+        run_dir = Path(resume)
+        if not (run_dir / "last.pt").is_file():
+            raise ScsonetError(f"{run_dir}: no last.pt to resume from")
+        ckpt = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=False)
+    else:
+        run_name = cfg.run_name or f"{cfg.model}-{cfg.protocol}-s{cfg.seed}"
+        run_dir = Path(cfg.out_dir) / run_name
+        if (run_dir / "last.pt").exists():
+            raise ScsonetError(f"{run_dir}: a run is already there; continue it with --resume {run_dir}")
+        ckpt = None
+    if master:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+
+    # -- data: the test split is not touched here under the honest protocol
+    data = PreparedData(cfg.data)
+    fit_parts = [data.load(s) for s in fit_splits]
+    fit = SplitArrays(torch.cat([p.images for p in fit_parts]), torch.cat([p.masks for p in fit_parts]),
+                      [i for p in fit_parts for i in p.ids])
+    select = data.load(select_split) if master else None
+    mean, std = data.mean, data.std
+    preprocessing = {"resize_size": list(fit.images.shape[-2:]), "mean": list(mean), "std": list(std)}
+    use_graph = cfg.cuda_graph and device.type == "cuda" and world_size == 1
+    loader = TrainLoader(fit, cfg.batch_size, mean, std, augment=cfg.augment, shuffle=True, seed=cfg.seed,
+                         device=device, drop_last=use_graph, rank=rank, world_size=world_size)
+
+    # -- model and optimiser: the same seed gives the same initial weights on every rank
+    torch.manual_seed(cfg.seed)
+    model = create_model(cfg.model, **cfg.model_args).to(device)
+    lr_value = torch.tensor(get_lr(0, cfg), device=device) if use_graph else get_lr(0, cfg)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr_value, weight_decay=cfg.weight_decay,
+                                  capturable=use_graph)
+    start_epoch, best_dsc, history = 0, -1.0, []
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        start_epoch, best_dsc, history = ckpt["epoch"] + 1, ckpt["best_val_dsc"], ckpt["history"]
+    raw_model = model
+    if world_size > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    criterion = BceDiceLoss(cfg.bce_weight, cfg.dice_weight)
+    # No autocast weight cache: it would hold tensors captured by the CUDA graph.
+    autocast = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False))
+                if cfg.amp == "bf16" else contextlib.nullcontext)
+    graphed = None
+
+    def checkpoint(epoch: int) -> dict[str, Any]:
+        return {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "model_name": cfg.model,
+                "model_args": cfg.model_args, "preprocessing": preprocessing, "epoch": epoch,
+                "best_val_dsc": best_dsc, "select_split": select_split, "protocol": cfg.protocol,
+                "config": dataclasses.asdict(cfg), "history": history}
+
+    writer = _tensorboard(run_dir) if master and cfg.tensorboard else None
+    started = time.time()
+    from tqdm import tqdm
+
+    for epoch in range(start_epoch, cfg.epochs):
+        # -- one epoch over the fitting data
+        t0 = time.time()
+        lr = get_lr(epoch, cfg)
+        for group in optimizer.param_groups:
+            if torch.is_tensor(group["lr"]):
+                group["lr"].fill_(lr)
+            else:
+                group["lr"] = lr
+        loader.set_epoch(epoch)
+        model.train()
+        total_loss = torch.zeros((), device=device)
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False,
+                   disable=not (master and cfg.progress))
+        for step, (x, y) in enumerate(bar):
+            if use_graph:
+                graphed = graphed or _GraphedStep(model, criterion, optimizer, x, y)
+                try:
+                    with autocast():
+                        loss = graphed(x, y)
+                except RuntimeError as err:  # capture unsupported here: train eagerly instead
+                    print(f"CUDA graph capture failed ({str(err).splitlines()[0]}); continuing eagerly", flush=True)
+                    use_graph = False
+                    torch.cuda.synchronize()
+            if not use_graph:
+                with autocast():
+                    loss = criterion(model(x), y)
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            total_loss += loss.detach()
+            if step % 20 == 0 or step == len(loader) - 1:
+                value = loss.item()
+                if not math.isfinite(value):
+                    raise NonFiniteLoss(f"loss became {value} at epoch {epoch + 1}, step {step + 1}; "
+                                        f"the last good checkpoint is {run_dir / 'last.pt'}")
+                bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}")
+        mean_loss = (total_loss / len(loader)).item()
+        if not math.isfinite(mean_loss):
+            raise NonFiniteLoss(f"loss became {mean_loss} in epoch {epoch + 1}; "
+                                f"the last good checkpoint is {run_dir / 'last.pt'}")
+
+        # -- selection on the selection split, checkpoints and log (master only)
+        if master:
+            row = {"epoch": epoch + 1, "lr": f"{lr:.6g}", "loss": f"{mean_loss:.6f}", "select_split": select_split,
+                   "select_dsc": "", "select_miou": "", "best_dsc": "", "seconds": ""}
+            if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+                report, _ = evaluate(raw_model, select, (mean, std), batch_size=cfg.eval_batch_size,
+                                     device=device, hd95=False, split=select_split)
+                dsc, miou = report["pooled"]["dsc"], report["pooled"]["miou"]
+                row.update(select_dsc=f"{dsc:.6f}", select_miou=f"{miou:.6f}")
+                if dsc > best_dsc:
+                    best_dsc = dsc
+                    torch_save_atomic(checkpoint(epoch), run_dir / "best.pt")
+                if writer is not None:
+                    writer.add_scalar(f"{select_split}/dsc", dsc, epoch + 1)
+            row.update(best_dsc=f"{best_dsc:.6f}", seconds=f"{time.time() - t0:.1f}")
+            history.append(row)
+            torch_save_atomic(checkpoint(epoch), run_dir / "last.pt")
+            _write_log(run_dir / "log.csv", history)
+            if writer is not None:
+                writer.add_scalar("train/loss", mean_loss, epoch + 1)
+                writer.add_scalar("train/lr", lr, epoch + 1)
+            print(f"epoch {epoch + 1}/{cfg.epochs} loss {mean_loss:.4f} lr {lr:.2e} "
+                  f"{select_split} dsc {row['select_dsc'] or '-'} best {best_dsc:.4f} ({row['seconds']} s)", flush=True)
+        if world_size > 1:
+            dist.barrier()
+        if cfg.max_minutes and time.time() - started > cfg.max_minutes * 60 and epoch + 1 < cfg.epochs:
+            if master:
+                print(f"time budget of {cfg.max_minutes} min spent after epoch {epoch + 1}; stopping", flush=True)
+            break
+
+    # -- the test split, read once, with the selected checkpoint
+    if master:
+        final_test(run_dir, cfg, device)
+    if writer is not None:
+        writer.close()
+    if world_size > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return run_dir
+
+
+def final_test(run_dir: Path, cfg: TrainConfig, device: torch.device) -> dict[str, Any]:
+    """Evaluate ``best.pt`` on the test split and write ``test/report.json`` + ``test/per_image.csv``."""
+    from .data import PreparedData
+    from .models import load_model
+
+    loaded = load_model(run_dir / "best.pt", device)
+    report, rows = evaluate(loaded, PreparedData(cfg.data).load("test"), batch_size=cfg.eval_batch_size,
+                            device=device, split="test")
+    write_report(report, rows, run_dir / "test")
+    pooled = report["pooled"]
+    print(f"test ({cfg.protocol} protocol, best epoch {loaded.meta.get('epoch', 0) + 1}): "
+          f"DSC {pooled['dsc'] * 100:.2f} mIoU {pooled['miou'] * 100:.2f}", flush=True)
+    return report
+
+
+def _tensorboard(run_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # TensorBoard is optional
+        return None
+    return SummaryWriter(str(run_dir / "tensorboard"))
