@@ -3,13 +3,16 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from _synthdata import OUT, check_pairs, folder_dataset
 from scsonet.data import PaperAugment, PreparedData, TrainLoader
+from scsonet.data.augment import _linear_grid
 from scsonet.data.prepare import prepare_dataset
 from scsonet.errors import ScsonetError
 
@@ -39,8 +42,6 @@ def test_load_gives_channels_first_uint8_pairs(prepared):
 
 
 def test_tampered_file_fails_verification(prepared, tmp_path):
-    import shutil
-
     copy = tmp_path / "copy"
     shutil.copytree(prepared, copy)
     masks = np.load(copy / "val" / "masks.npy")
@@ -181,3 +182,9 @@ def test_ranks_share_the_split(prepared, drop_last):
         assert all(len(ld) == math.ceil(math.ceil(n / world) / 2) for ld in loaders)
     for ld in loaders:
         assert sum(len(x) for x, _ in ld) == len(ld.indices()) - (len(ld.indices()) % 2 if drop_last else 0)
+
+
+def test_linear_grid_matches_affine_grid():
+    theta = torch.randn(3, 2, 2, generator=torch.Generator().manual_seed(0))
+    expected = F.affine_grid(torch.cat([theta, torch.zeros(3, 2, 1)], 2), [3, 1, 5, 7], align_corners=False)
+    torch.testing.assert_close(_linear_grid(theta, 5, 7), expected)

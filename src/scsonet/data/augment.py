@@ -7,6 +7,18 @@ import torch
 import torch.nn.functional as F
 
 
+def _linear_grid(theta: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """``F.affine_grid`` for a (B, 2, 2) linear map, ``align_corners=False``, by broadcasting.
+
+    Same result, several times faster on CPU than affine_grid's batched matrix product.
+    """
+    xs = (torch.arange(w, device=theta.device, dtype=theta.dtype) * 2 + 1) / w - 1
+    ys = (torch.arange(h, device=theta.device, dtype=theta.dtype) * 2 + 1) / h - 1
+    t = theta.view(-1, 2, 2, 1, 1)
+    return torch.stack([t[:, 0, 0] * xs + t[:, 0, 1] * ys[:, None],
+                        t[:, 1, 0] * xs + t[:, 1, 1] * ys[:, None]], dim=-1)
+
+
 class PaperAugment:
     """Random horizontal flip, vertical flip and rotation, each drawn independently per sample.
 
@@ -54,9 +66,9 @@ class PaperAugment:
         # to input coordinates, so theta = flip @ inverse rotation, in coordinates normalised per
         # axis (the aspect ratio folded in, so non-square images rotate rigidly). Flips and
         # untouched samples land exactly on pixel centres: no blur, and nearest keeps masks exact.
-        theta = torch.stack([torch.stack([sx * cos, sx * sin * h / w, torch.zeros_like(cos)], 1),
-                             torch.stack([-sy * sin * w / h, sy * cos, torch.zeros_like(cos)], 1)], 1)
-        grid = F.affine_grid(theta.to(device=images.device, dtype=images.dtype), [b, c, h, w], align_corners=False)
+        theta = torch.stack([torch.stack([sx * cos, sx * sin * h / w], 1),
+                             torch.stack([-sy * sin * w / h, sy * cos], 1)], 1)
+        grid = _linear_grid(theta.to(device=images.device, dtype=images.dtype), h, w)
         return (F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False),
                 F.grid_sample(masks, grid, mode="nearest", padding_mode="zeros", align_corners=False))
 
