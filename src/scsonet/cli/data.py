@@ -1,27 +1,26 @@
 """``scsonet data prepare`` and ``scsonet data show``: prepare a dataset, look at its pairs."""
 from __future__ import annotations
 
-import argparse
-
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("data", help="prepare a dataset, or draw a grid of its pairs")
     sub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
 
-    prep = sub.add_parser("prepare", help="pair, resize and split a raw dataset into DIR",
-                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    prep = sub.add_parser("prepare", help="pair, resize and split a raw dataset into --out",
+                          description="Pair images with masks by ID, resize, split and write a prepared "
+                                      "dataset with a manifest (checksums, training statistics).")
     prep.add_argument("--dataset", required=True, choices=["isic2017", "isic2018", "folder"],
                       help="source layout (folder: images/ and masks/ paired by file stem)")
     prep.add_argument("--src", required=True, help="folder with the official folders or .zip files")
     prep.add_argument("--out", required=True, help="prepared dataset folder to create")
-    prep.add_argument("--size", default="256", help="output side N, or HxW")
+    prep.add_argument("--size", default="256", help="output side N, or HxW (256)")
     prep.add_argument("--split-file", default=None, help="CSV with columns image_id, split (train/val/test)")
-    prep.add_argument("--seed", type=int, default=42, help="random split seed (without --split-file)")
-    prep.add_argument("--test-ratio", type=float, default=0.3, help="random split: fraction of all pairs for test")
-    prep.add_argument("--val-ratio", type=float, default=0.1, help="random split: fraction of the rest for val")
+    prep.add_argument("--seed", type=int, default=42, help="random split seed, without --split-file (42)")
+    prep.add_argument("--test-ratio", type=float, default=0.3, help="random split: fraction of all pairs for test (0.3)")
+    prep.add_argument("--val-ratio", type=float, default=0.1, help="random split: fraction of the rest for val (0.1)")
     prep.add_argument("--skip-bad", action="store_true", help="leave bad inputs out (listed in the manifest)")
-    prep.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
-    prep.add_argument("--workers", type=int, default=None, help="decoding processes (default: available CPUs)")
+    prep.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    prep.add_argument("--workers", type=int, default=None, help="decoding processes (available CPUs)")
     prep.add_argument("--no-progress", action="store_true", help="no progress bar")
     prep.set_defaults(func=run_prepare)
 
