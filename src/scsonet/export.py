@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import inspect
 import json
+import logging
 import os
 import tempfile
 import warnings
@@ -36,7 +37,7 @@ from .errors import ScsonetError
 from .models import LoadedModel, load_model
 
 __all__ = ["CheckResult", "ExportReport", "FORMATS", "QUANTIZE", "check_inputs", "export_model", "export_onnx",
-           "export_torchscript", "model_metadata", "quantize_int8"]
+           "export_torchscript", "image_batches", "model_metadata", "quantize_int8", "random_batches"]
 
 FORMATS = ("onnx", "torchscript")
 QUANTIZE = ("int8",)
@@ -45,6 +46,11 @@ TOLERANCE = 1e-4
 ODD_SIZE = (250, 333)  # sides that are not multiples of 32: exercises the model's padding
 RANDOM_BATCHES = (1, 3, 8)
 MAX_REAL_IMAGES = 50
+MAX_CALIBRATION_IMAGES = 64
+# Quantised operators: the convolutions and matmuls carry the arithmetic; the attention maps,
+# norms and gates stay float (quantising them costs accuracy and some lack int8 kernels).
+INT8_OPS = ["Conv", "MatMul"]
+INT8_MIN_CHANNELS = 16
 CHECK_BATCH = 8
 TORCHSCRIPT_METADATA = "scsonet.json"  # extra file inside a TorchScript archive
 _DYNAMIC_AXES = {"image": {0: "batch", 2: "height", 3: "width"}, "logits": {0: "batch", 2: "height", 3: "width"}}
@@ -112,31 +118,36 @@ def model_metadata(loaded: LoadedModel, threshold: Optional[float] = None, **ext
     }
 
 
-def check_inputs(loaded: LoadedModel, images: Sequence[str | os.PathLike] = (), seed: int = 0,
-                 max_images: int = MAX_REAL_IMAGES) -> list[tuple[str, torch.Tensor]]:
-    """Named, normalised input batches: random ones (batches 1, 3, 8 at the preset size and one
-    250 x 333 image), then up to ``max_images`` real images in batches of ``CHECK_BATCH``."""
+def random_batches(size: tuple[int, int], seed: int = 0) -> list[tuple[str, torch.Tensor]]:
+    """Named standard-normal batches: 1, 3 and 8 images at ``size``, and one 250 x 333 image."""
     gen = torch.Generator().manual_seed(seed)
-    h, w = loaded.preset.resize_size
-    batches = [(f"random batch {n}", torch.randn(n, 3, h, w, generator=gen)) for n in RANDOM_BATCHES]
-    batches.append(("random odd size", torch.randn(1, 3, *ODD_SIZE, generator=gen)))
-    real = _real_images(loaded, images, max_images)
-    for start in range(0, len(real), CHECK_BATCH):
-        names, arrays = zip(*real[start:start + CHECK_BATCH])
-        label = names[0] if len(names) == 1 else f"{names[0]} +{len(names) - 1}"
-        batches.append((f"real {label}", loaded.preset.normalize(torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float())))
-    return batches
+    batches = [(f"random batch {n}", torch.randn(n, 3, *size, generator=gen)) for n in RANDOM_BATCHES]
+    return batches + [("random odd size", torch.randn(1, 3, *ODD_SIZE, generator=gen))]
 
 
-def _real_images(loaded: LoadedModel, images: Sequence[str | os.PathLike], max_images: int) -> list[tuple[str, np.ndarray]]:
-    """(name, (H, W, 3) uint8 at the preset size) of the readable images among ``images``."""
+def image_batches(loaded: LoadedModel, images: Sequence[str | os.PathLike],
+                  max_images: int = MAX_REAL_IMAGES) -> list[tuple[str, torch.Tensor]]:
+    """Up to ``max_images`` of ``images`` (files, folders, globs), resized and normalised as
+    ``scsonet predict`` does, in named batches of ``CHECK_BATCH``."""
     from .imageio import expand_inputs, read_image
     from .postprocess import resize_image
 
     paths, errors = expand_inputs(images) if images else ([], [])
     if errors:
         raise ScsonetError(errors[0].message)
-    return [(p.name, resize_image(read_image(p), tuple(loaded.preset.resize_size))) for p in paths[:max_images]]
+    paths = paths[:max_images]
+    batches = []
+    for start in range(0, len(paths), CHECK_BATCH):
+        chunk = paths[start:start + CHECK_BATCH]
+        rgb = np.stack([resize_image(read_image(p), tuple(loaded.preset.resize_size)) for p in chunk])
+        label = chunk[0].name if len(chunk) == 1 else f"{chunk[0].name} +{len(chunk) - 1}"
+        batches.append((f"real {label}", loaded.preset.normalize(torch.from_numpy(rgb).permute(0, 3, 1, 2).float())))
+    return batches
+
+
+def check_inputs(loaded: LoadedModel, images: Sequence[str | os.PathLike] = ()) -> list[tuple[str, torch.Tensor]]:
+    """The batches an export is checked on: ``random_batches`` then ``image_batches``."""
+    return random_batches(tuple(loaded.preset.resize_size)) + image_batches(loaded, images)
 
 
 def default_check_images() -> list[Path]:
@@ -165,6 +176,14 @@ def _compare(run: Callable[[torch.Tensor], np.ndarray], model: nn.Module, batche
                                        float(np.max(np.abs(got - exact))),
                                        float(np.mean((got >= cut) == (expected >= cut)))))
     return results
+
+
+def _compare_onnx(path: Path, model: nn.Module, batches, threshold: float) -> list[CheckResult]:
+    """``_compare`` through the sessions that ``scsonet predict --backend onnxruntime`` uses."""
+    from .onnx_runtime import OrtSegmenter
+
+    segmenter = OrtSegmenter(path)
+    return _compare(lambda x: segmenter.logits(x.numpy()), model, batches, threshold)
 
 
 def _gate(checks: list[CheckResult], out: Path, tolerance: float) -> None:
@@ -221,8 +240,6 @@ def export_onnx(loaded: LoadedModel, out: str | os.PathLike, *, opset: int = DEF
         quantize: None, or ``'int8'`` for a statically quantised model (approximate).
         calibration_images: images that calibrate the int8 activation ranges (default: ``check_images``).
     """
-    from .onnx_runtime import make_session
-
     if quantize not in (None, *QUANTIZE):
         raise ScsonetError(f"quantize must be one of {QUANTIZE}, not {quantize!r}")
     out = Path(out)
@@ -235,24 +252,28 @@ def export_onnx(loaded: LoadedModel, out: str | os.PathLike, *, opset: int = DEF
         _write_onnx(model, tmp, tuple(loaded.preset.resize_size), opset, metadata)
         if check or quantize:
             batches = check_inputs(loaded, check_images)
-        if check:
-            session = make_session(tmp)
-            report.checks = _compare(lambda x: session.run(None, {"image": x.numpy()})[0], model, batches, threshold)
+        if check:  # through the sessions that ``scsonet predict --backend onnxruntime`` uses
+            report.checks = _compare_onnx(tmp, model, batches, threshold)
             _gate(report.checks, out, tolerance)
         if quantize:
-            calibration = check_inputs(loaded, calibration_images or check_images)[len(RANDOM_BATCHES) + 1:]
+            calibration = image_batches(loaded, calibration_images or check_images, MAX_CALIBRATION_IMAGES)
             if not calibration:
                 raise ScsonetError(f"{out}: int8 quantisation needs real images to calibrate on "
                                    "(--calibration-images or --check-images)")
             quantize_int8(tmp, tmp, [x.numpy() for _, x in calibration])
-            session = make_session(tmp)
-            report.checks = _compare(lambda x: session.run(None, {"image": x.numpy()})[0], model, batches, threshold)
+            report.checks = _compare_onnx(tmp, model, batches, threshold)
     return report
 
 
 def quantize_int8(src: str | os.PathLike, dst: str | os.PathLike, calibration: Sequence[np.ndarray]) -> None:
     """Quantise an ONNX model statically: per-channel int8 weights, uint8 activations (QDQ), the
-    activation ranges taken from ``calibration`` batches of normalised images."""
+    activation ranges taken from ``calibration`` batches of normalised images.
+
+    Only convolutions at least ``INT8_MIN_CHANNELS`` wide on both sides and matmuls are
+    quantised: ONNX Runtime's int8 kernels are slower than float ones on the narrow layers
+    (3 -> 8 channels in the stem, the bridge's 2 -> 1 spatial attention), so quantising those
+    would cost accuracy and time.
+    """
     import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
@@ -264,15 +285,25 @@ def quantize_int8(src: str | os.PathLike, dst: str | os.PathLike, calibration: S
             batch = next(self._batches, None)
             return None if batch is None else {"image": batch}
 
-    metadata = {p.key: p.value for p in onnx.load(str(src)).metadata_props}
-    with tempfile.TemporaryDirectory() as tmp:
-        # quantize_static writes side files (augmented model) next to its output: keep them in tmp.
-        staged = Path(tmp) / "int8.onnx"
-        quantize_static(str(src), str(staged), _Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-        proto = onnx.load(str(staged))
-        onnx.helper.set_model_props(proto, metadata)
-        onnx.save(proto, str(dst))
+    proto = onnx.load(str(src))
+    weights = {init.name: init.dims for init in proto.graph.initializer}
+    narrow = [node.name for node in proto.graph.node if node.op_type == "Conv"
+              and min(weights.get(node.input[1], (0, 0))[:2]) < INT8_MIN_CHANNELS]
+    metadata = {p.key: p.value for p in proto.metadata_props}
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)  # the quantiser logs advice about every non-initializer bias
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            # quantize_static writes side files (the augmented model) beside its output: keep them in tmp.
+            staged = Path(tmp) / "int8.onnx"
+            quantize_static(str(src), str(staged), _Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            op_types_to_quantize=INT8_OPS, nodes_to_exclude=narrow)
+            proto = onnx.load(str(staged))
+    finally:
+        logging.disable(previous)
+    onnx.helper.set_model_props(proto, metadata)
+    onnx.save(proto, str(dst))
 
 
 def export_torchscript(loaded: LoadedModel, out: str | os.PathLike, *, check: bool = True,
@@ -282,7 +313,8 @@ def export_torchscript(loaded: LoadedModel, out: str | os.PathLike, *, check: bo
 
     The archive holds ``scsonet.json`` (the preprocessing; ``torch.jit.load(path, _extra_files=...)``
     reads it) and accepts any batch, height and width. ``check`` reloads the archive and compares
-    it with the eager model as ``export_onnx`` does.
+    it with the eager model as ``export_onnx`` does. (Recent torch releases deprecate TorchScript
+    in favour of ``torch.export``; libtorch and PyTorch Mobile still load these archives.)
     """
     out = Path(out)
     model = loaded.model.cpu().eval()
@@ -292,9 +324,9 @@ def export_torchscript(loaded: LoadedModel, out: str | os.PathLike, *, check: bo
     with atomic_path(out) as tmp:
         with torch.no_grad():
             traced = _quiet_export(lambda: torch.jit.trace(model, example, check_trace=False))
-        torch.jit.save(traced, str(tmp), _extra_files={TORCHSCRIPT_METADATA: json.dumps(metadata)})
+        _quiet_export(lambda: torch.jit.save(traced, str(tmp), _extra_files={TORCHSCRIPT_METADATA: json.dumps(metadata)}))
         if check:
-            reloaded = torch.jit.load(str(tmp), map_location="cpu")
+            reloaded = _quiet_export(lambda: torch.jit.load(str(tmp), map_location="cpu"))
             report.checks = _compare(lambda x: reloaded(x).numpy(), model, check_inputs(loaded, check_images),
                                      float(metadata["threshold"]))
             _gate(report.checks, out, tolerance)

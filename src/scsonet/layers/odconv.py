@@ -5,6 +5,7 @@ Original code: https://github.com/OSVAI/ODConv
 """
 from __future__ import annotations
 
+import functools
 
 import torch
 import torch.nn as nn
@@ -83,6 +84,36 @@ class ODConvAttention(nn.Module):
         return channel, filt, spatial, kernel
 
 
+def per_sample_conv(x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int, dilation: int) -> torch.Tensor:
+    """Convolve each sample of ``x`` with its own kernel ``weight[i]`` (B, Cout, Cin, k, k).
+
+    A batch of one is a plain convolution; larger batches run as im2col + one batched matmul.
+    Unlike the grouped convolution of ``ODConv2d.forward`` (``groups=B``), neither freezes the
+    batch size when traced, and scripted, the branch survives into ONNX as an ``If`` that ONNX
+    Runtime folds away when a session pins the batch to one.
+    """
+    if x.size(0) == 1:
+        return F.conv2d(x, weight[0], None, stride, padding, dilation)
+    b, c, h, w = x.shape
+    out_chs, k = weight.size(1), weight.size(-1)
+    h_out = (h + 2 * padding - dilation * (k - 1) - 1) // stride + 1
+    w_out = (w + 2 * padding - dilation * (k - 1) - 1) // stride + 1
+    x = F.pad(x, [padding, padding, padding, padding])
+    taps = []  # loops, not a nested comprehension: TorchScript compiles this function
+    for i in range(k):
+        rows = x[:, :, i * dilation:i * dilation + (h_out - 1) * stride + 1:stride]
+        for j in range(k):
+            taps.append(rows[..., j * dilation:j * dilation + (w_out - 1) * stride + 1:stride])
+    cols = torch.stack(taps, dim=2).reshape(b, c * k * k, h_out * w_out)
+    return torch.matmul(weight.reshape(b, out_chs, c * k * k), cols).reshape(b, out_chs, h_out, w_out)
+
+
+@functools.lru_cache(maxsize=None)
+def _scripted_per_sample_conv():
+    """``per_sample_conv`` compiled once, on first export (a scripted call keeps its ``if`` in a trace)."""
+    return torch.jit.script(per_sample_conv)
+
+
 class ODConv2d(nn.Module):
     """Convolution whose kernel is re-weighted per sample along all four kernel dimensions.
 
@@ -141,7 +172,7 @@ class ODConv2d(nn.Module):
             weight = weight * kernel
         if torch.jit.is_tracing():  # ONNX / TorchScript export: a graph that runs at any batch size
             weight = weight.sum(dim=1) * filt.unsqueeze(-1) * channel.view(b, 1, self.in_chs, 1, 1)
-            return self._per_sample_conv(x, weight)
+            return _scripted_per_sample_conv()(x, weight, self.stride, self.padding, self.dilation)
         x = x * channel
         weight = weight.sum(dim=1).reshape(b * self.out_chs, self.in_chs, self.kernel_size, self.kernel_size)
         y = F.conv2d(
@@ -150,25 +181,8 @@ class ODConv2d(nn.Module):
         y = y.reshape(b, self.out_chs, y.shape[-2], y.shape[-1])
         return y * filt
 
-    def _per_sample_conv(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """Convolve each sample with its own kernel (B, Cout, Cin, k, k) as im2col + batched matmul.
-
-        Equal to the grouped convolution of ``forward`` up to float rounding, but without
-        ``groups=B``, which a traced graph would freeze at the batch size it was traced with.
-        """
-        b, _, h, w = x.shape
-        k, d, s = self.kernel_size, self.dilation, self.stride
-        h_out = (h + 2 * self.padding - d * (k - 1) - 1) // s + 1
-        w_out = (w + 2 * self.padding - d * (k - 1) - 1) // s + 1
-        x = F.pad(x, [self.padding] * 4)
-        taps = [x[:, :, i * d:i * d + (h_out - 1) * s + 1:s, j * d:j * d + (w_out - 1) * s + 1:s]
-                for i in range(k) for j in range(k)]
-        cols = torch.stack(taps, dim=2).reshape(b, self.in_chs * k * k, h_out * w_out)
-        y = torch.matmul(weight.reshape(b, self.out_chs, self.in_chs * k * k), cols)
-        return y.reshape(b, self.out_chs, h_out, w_out)
-
     def extra_repr(self) -> str:
         return f"{self.in_chs}, {self.out_chs}, kernel_size={self.kernel_size}, kernel_num={self.kernel_num}"
 
 
-__all__ = ["ODConv2d", "ODConvAttention"]
+__all__ = ["ODConv2d", "ODConvAttention", "per_sample_conv"]
