@@ -4,10 +4,14 @@ batch 8, on a square input (256), with a fixed number of threads (2). Prints a M
     .venv/bin/python benchmarks/cpu_latency.py
     .venv/bin/python benchmarks/cpu_latency.py --models scsonet,egeunet --repeats 30
 
-Each figure is the median over ``--repeats`` timed calls after ``--warmup`` untimed ones, in eval
-mode under ``torch.inference_mode``. A backend is a function ``(model, x, warmup, repeats) ->
-seconds per call``; another runtime (ONNX Runtime, say) becomes a column pair by adding one such
-function to ``BACKENDS``.
+Each figure is the median (``--stat min``: the fastest) of ``--repeats`` timed calls after
+``--warmup`` untimed ones, in eval mode under ``torch.inference_mode``. The timed calls go
+round-robin over all models and batch sizes, so a burst of other work on the machine slows every
+model alike instead of one of them; on a busy machine the minimum is the steadier figure.
+
+A backend is a function ``(model, x) -> runner``, the runner a zero-argument callable that does
+one forward pass on ``x``; another runtime (ONNX Runtime, say: export, open a session, return
+``lambda: session.run(...)``) becomes a column pair by adding one such function to ``BACKENDS``.
 """
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ import os
 import platform
 import statistics
 import time
-from typing import Callable
+from typing import Callable, Hashable
 
 import torch
 import torch.nn as nn
@@ -24,41 +28,61 @@ import torch.nn as nn
 from scsonet.complexity import count_params
 from scsonet.models import create_model, list_models
 
-Backend = Callable[[nn.Module, torch.Tensor, int, int], list[float]]
+Runner = Callable[[], object]
+Backend = Callable[[nn.Module, torch.Tensor], Runner]
+BATCH_SIZES = (1, 8)
+STATS = {"median": statistics.median, "min": min}
 
 
-def time_calls(fn: Callable[[], object], warmup: int, repeats: int) -> list[float]:
-    """Wall-clock seconds of ``repeats`` calls of ``fn`` after ``warmup`` untimed calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return times
-
-
-def torch_eager(model: nn.Module, x: torch.Tensor, warmup: int, repeats: int) -> list[float]:
+def torch_eager(model: nn.Module, x: torch.Tensor) -> Runner:
     model.eval()
-    with torch.inference_mode():
-        return time_calls(lambda: model(x), warmup, repeats)
+
+    def run():
+        with torch.inference_mode():
+            return model(x)
+
+    return run
 
 
 BACKENDS: dict[str, Backend] = {"torch": torch_eager}
 
 
-def measure(name: str, backends: dict[str, Backend], size: int, warmup: int, repeats: int) -> dict:
-    """One table row: parameters, then per backend ms/image at batch 1 and images/s at batch 8."""
+def interleaved_timings(runners: dict[Hashable, Runner], warmup: int, repeats: int) -> dict[Hashable, list[float]]:
+    """Wall-clock seconds of ``repeats`` calls of each runner, timing them in turn, one call a round."""
+    for run in runners.values():
+        for _ in range(warmup):
+            run()
+    times: dict[Hashable, list[float]] = {key: [] for key in runners}
+    for _ in range(repeats):
+        for key, run in runners.items():
+            start = time.perf_counter()
+            run()
+            times[key].append(time.perf_counter() - start)
+    return times
+
+
+def latency_table(
+    names: list[str], backends: dict[str, Backend], size: int, warmup: int, repeats: int, stat: str = "median"
+) -> list[dict]:
+    """One row per model: parameters, then per backend ms/image at batch 1 and images/s at batch 8."""
     torch.manual_seed(0)
-    model = create_model(name).eval()
-    row = {"model": name, "params": count_params(model)}
-    for backend, run in backends.items():
-        b1 = statistics.median(run(model, torch.randn(1, 3, size, size), warmup, repeats))
-        b8 = statistics.median(run(model, torch.randn(8, 3, size, size), warmup, repeats))
-        row[f"{backend} ms/image (b1)"] = 1000 * b1
-        row[f"{backend} images/s (b8)"] = 8 / b8
-    return row
+    models = {name: create_model(name).eval() for name in names}
+    inputs = {b: torch.randn(b, 3, size, size) for b in BATCH_SIZES}
+    runners = {
+        (name, backend, b): make(model, inputs[b])
+        for name, model in models.items()
+        for backend, make in backends.items()
+        for b in BATCH_SIZES
+    }
+    seconds = {key: STATS[stat](t) for key, t in interleaved_timings(runners, warmup, repeats).items()}
+    rows = []
+    for name, model in models.items():
+        row = {"model": name, "params": count_params(model)}
+        for backend in backends:
+            row[f"{backend} ms/image (b1)"] = 1000 * seconds[name, backend, 1]
+            row[f"{backend} images/s (b8)"] = 8 / seconds[name, backend, 8]
+        rows.append(row)
+    return rows
 
 
 def format_markdown(rows: list[dict]) -> str:
@@ -76,16 +100,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--size", type=int, default=256, help="square input side (256)")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (2)")
     p.add_argument("--warmup", type=int, default=3, help="untimed calls before timing (3)")
-    p.add_argument("--repeats", type=int, default=10, help="timed calls; the median is reported (10)")
+    p.add_argument("--repeats", type=int, default=10, help="timed calls per model and batch size (10)")
+    p.add_argument("--stat", choices=sorted(STATS), default="median", help="statistic of the timed calls (median)")
     args = p.parse_args(argv)
     names = [n for n in args.models.split(",") if n] or list_models()
     unknown = sorted(set(names) - set(list_models()))
     if unknown:
         p.error(f"unknown models {unknown}; registered: {', '.join(list_models())}")
     torch.set_num_threads(args.threads)
-    rows = [measure(n, BACKENDS, args.size, args.warmup, args.repeats) for n in names]
+    rows = latency_table(names, BACKENDS, args.size, args.warmup, args.repeats, args.stat)
     load = os.getloadavg()[0]  # other work on the machine inflates every figure: report it
-    print(f"CPU latency at {args.size}x{args.size}, {args.threads} threads, median of {args.repeats} after "
+    print(f"CPU latency at {args.size}x{args.size}, {args.threads} threads, {args.stat} of {args.repeats} after "
           f"{args.warmup} warm-up calls; torch {torch.__version__}, {platform.machine()}, "
           f"{os.cpu_count()} CPUs, load average {load:.1f} at the end\n")
     print(format_markdown(rows))
