@@ -2,6 +2,7 @@
 ``scsonet predict --backend onnxruntime``, on a random-init SCSONet and synthetic images."""
 from __future__ import annotations
 
+import copy
 import importlib.metadata as md
 import json
 import os
@@ -74,7 +75,7 @@ def test_onnx_check_covers_dynamic_axes_within_tolerance(exported):
     assert shapes[:4] == [(1, 3, 256, 256), (3, 3, 256, 256), (8, 3, 256, 256), (1, 3, 250, 333)]
     assert shapes[4] == (3, 3, 256, 256)  # the three real images, one batch
     for check in exported.checks:
-        assert check.error <= 1e-4, check.line()
+        assert check.error <= 1e-4 and check.passes(1e-4), check.line()
         assert check.mask_agreement >= 0.9999, check.line()
     assert exported.path.is_file()
 
@@ -107,10 +108,20 @@ def test_onnx_runs_other_batches_and_sizes(exported, checkpoint):
 
 
 def test_failing_check_writes_nothing(workdir, checkpoint, monkeypatch):
+    """A graph that is off by 1e-3 (a shifted head bias) must be refused, leaving no file behind."""
     monkeypatch.setattr(export_mod, "random_batches", lambda size, seed=0: random_batches((64, 64))[:1])
+    write = export_mod._write_onnx
+
+    def write_wrong_graph(model, path, *args):
+        broken = copy.deepcopy(model)
+        with torch.no_grad():
+            broken.segmentation_head.bias += 1e-3
+        write(broken, path, *args)
+
+    monkeypatch.setattr(export_mod, "_write_onnx", write_wrong_graph)
     out = workdir / "refused" / "model.onnx"
-    with pytest.raises(ScsonetError, match=r"export check failed, not written.*> 1e-12"):
-        export_onnx(load_model(checkpoint), out, tolerance=1e-12)
+    with pytest.raises(ScsonetError, match=r"model.onnx: export check failed, not written"):
+        export_onnx(load_model(checkpoint), out)
     assert not out.parent.exists() or list(out.parent.iterdir()) == []
 
 

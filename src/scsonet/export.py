@@ -43,6 +43,7 @@ FORMATS = ("onnx", "torchscript")
 QUANTIZE = ("int8",)
 DEFAULT_OPSET = 17
 TOLERANCE = 1e-4
+MIN_MASK_AGREEMENT = 0.9999
 ODD_SIZE = (250, 333)  # sides that are not multiples of 32: exercises the model's padding
 RANDOM_BATCHES = (1, 3, 8)
 MAX_REAL_IMAGES = 50
@@ -64,16 +65,23 @@ class CheckResult:
     shape: tuple[int, ...]
     max_abs_diff: float  # largest |logit difference| to PyTorch in float32
     max_abs_diff_fp64: float  # ... and to PyTorch in float64 (the exact result, to ~1e-12)
+    torch_fp32_error: float  # largest |logit difference| of PyTorch float32 itself to float64
     mask_agreement: float  # fraction of pixels on the same side of the threshold as float32 PyTorch
 
     @property
     def error(self) -> float:
-        """What the gate judges: the distance to the nearer of the two references."""
+        """The export's distance to the nearer of the two references."""
         return min(self.max_abs_diff, self.max_abs_diff_fp64)
 
+    def passes(self, tolerance: float) -> bool:
+        """Within ``tolerance`` of PyTorch, or no further from the exact result than PyTorch's own
+        float32 computation, and the masks agree on at least ``MIN_MASK_AGREEMENT`` of the pixels."""
+        return self.error <= max(tolerance, self.torch_fp32_error) and self.mask_agreement >= MIN_MASK_AGREEMENT
+
     def line(self) -> str:
-        return (f"{self.name:<28} {'x'.join(map(str, self.shape)):<14} max |diff| float32 {self.max_abs_diff:.1e}"
-                f"  float64 {self.max_abs_diff_fp64:.1e}  masks agree {100 * self.mask_agreement:.4f} %")
+        return (f"{self.name:<26} {'x'.join(map(str, self.shape)):<12} max |diff| to torch float32 "
+                f"{self.max_abs_diff:.1e}, float64 {self.max_abs_diff_fp64:.1e} (torch float32 itself "
+                f"{self.torch_fp32_error:.1e}); masks agree {100 * self.mask_agreement:.4f} %")
 
 
 @dataclass
@@ -92,9 +100,16 @@ class ExportReport:
     def max_error(self) -> float:
         return max((c.error for c in self.checks), default=float("nan"))
 
+    @property
+    def mask_agreement(self) -> float:
+        """Pixel-weighted agreement of the thresholded masks over all checked batches."""
+        pixels = [int(np.prod(c.shape)) // c.shape[1] for c in self.checks]
+        return float(np.average([c.mask_agreement for c in self.checks], weights=pixels)) if self.checks else float("nan")
+
     def to_dict(self) -> dict[str, Any]:
         return {"path": str(self.path), "format": self.format, "exact": self.exact,
-                "max_abs_diff": self.max_abs_diff, "max_error": self.max_error, "checks": [asdict(c) for c in self.checks],
+                "max_abs_diff": self.max_abs_diff, "max_error": self.max_error,
+                "mask_agreement": self.mask_agreement, "checks": [asdict(c) for c in self.checks],
                 "metadata": self.metadata}
 
 
@@ -173,7 +188,7 @@ def _compare(run: Callable[[torch.Tensor], np.ndarray], model: nn.Module, batche
             if got.shape != expected.shape:
                 raise ScsonetError(f"exported model gives shape {got.shape} on {name}, PyTorch {expected.shape}")
             results.append(CheckResult(name, tuple(x.shape), float(np.max(np.abs(got - expected))),
-                                       float(np.max(np.abs(got - exact))),
+                                       float(np.max(np.abs(got - exact))), float(np.max(np.abs(expected - exact))),
                                        float(np.mean((got >= cut) == (expected >= cut)))))
     return results
 
@@ -187,17 +202,20 @@ def _compare_onnx(path: Path, model: nn.Module, batches, threshold: float) -> li
 
 
 def _gate(checks: list[CheckResult], out: Path, tolerance: float) -> None:
-    """Refuse the export if, on any batch, it is off both float32 and float64 PyTorch by > tolerance.
+    """Refuse the export unless every batch ``passes``.
 
-    Both references count because PyTorch's float32 kernels are not the exact result either: its
-    GroupNorm over the 131,072 values per group of the first stage is itself up to ~1e-4 off
-    the float64 model on real images, while ONNX Runtime's normalisation is closer to it.
+    PyTorch's float32 result is not exact either, and for trained SCSONet weights it can be far
+    from it: the SRU gate jumps at w = 0.5 (W1 = 1 above, w below), so a rounding difference
+    that moves one w across 0.5 changes the logits nearby by up to ~1e-2, and PyTorch float32
+    and float64 disagree by that much. An export is therefore also accepted when it is no
+    further from the float64 model than PyTorch float32 is; a wrong graph is off by far more.
     """
-    worst = max(checks, key=lambda c: c.error)
-    if not worst.error <= tolerance:  # also catches NaN
-        raise ScsonetError(f"{out}: export check failed, not written: max |logit difference| to PyTorch "
-                           f"{worst.max_abs_diff:.3g} (float32), {worst.max_abs_diff_fp64:.3g} (float64) "
-                           f"> {tolerance:g} on {worst.name}")
+    for check in checks:
+        if not check.passes(tolerance):  # also catches NaN
+            raise ScsonetError(f"{out}: export check failed, not written: on {check.name} max |logit difference| "
+                               f"to PyTorch {check.max_abs_diff:.3g} (float32), {check.max_abs_diff_fp64:.3g} "
+                               f"(float64) > {max(tolerance, check.torch_fp32_error):.3g}, or masks agree on only "
+                               f"{100 * check.mask_agreement:.4f} % of pixels")
 
 
 def _quiet_export(fn: Callable[[], Any]) -> Any:
