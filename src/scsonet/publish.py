@@ -1,0 +1,110 @@
+"""Turn a training checkpoint into shipped weights: a safetensors file and its model card.
+
+The card's metrics are not typed in: ``pack_weights`` evaluates the packed file on the test split
+with ``scsonet.evaluation.evaluate`` (what ``scsonet evaluate`` runs) and stores that report.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ._io import atomic_path, write_json_atomic
+from .complexity import count_macs, count_params
+from .errors import ScsonetError
+from .evaluation import evaluate, format_report
+
+LICENSE = "MIT (weights); trained on ISIC 2017 images, CC0 1.0"
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).parent, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def pack_weights(checkpoint: str | Path, data: str | Path, out: str | Path, *, dataset_name: str,
+                 trained_at_commit: str | None = None, docs: str = "", split: str = "test",
+                 device: str = "cpu") -> dict[str, Any]:
+    """Write ``out`` (``.safetensors``) and its card ``out.with_suffix('.json')``; return the card."""
+    from safetensors.torch import save_file
+
+    from .data import PreparedData
+    from .models import load_model
+
+    checkpoint, out = Path(checkpoint), Path(out)
+    if out.suffix != ".safetensors":
+        raise ScsonetError(f"{out}: the weights file must end in .safetensors")
+    loaded = load_model(checkpoint)
+    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    model = loaded.model
+    config = ckpt.get("config", {})
+    pre = ckpt["preprocessing"]
+    card: dict[str, Any] = {
+        "arch": ckpt["model_name"],
+        "model_args": ckpt["model_args"],
+        "preprocessing": pre,
+        "num_params": count_params(model),
+        "categories": ["background", "lesion"],
+        "min_size": [1, 1],
+        "input_size": [3, *pre["resize_size"]],
+        "mean": pre["mean"],
+        "std": pre["std"],
+        "interpolation": "bilinear",
+        "threshold": 0.5,
+        "protocol": ckpt.get("protocol"),
+        "license": LICENSE,
+        "first_conv": "encoder.0.block",
+        "classifier": "segmentation_head",
+        "recipe": {"config": config, "protocol": ckpt.get("protocol"), "selected_on": ckpt.get("select_split"),
+                   "best_epoch": ckpt["epoch"] + 1, "best_select_dsc": ckpt.get("best_val_dsc"),
+                   "trained_at_commit": trained_at_commit},
+        "_ops_macs": count_macs(model, tuple(pre["resize_size"])),
+        "_docs": docs,
+    }
+    # Write the weights first: the evaluation loads exactly the file that ships.
+    with atomic_path(out) as tmp:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    card_path = out.with_suffix(".json")
+    try:
+        write_json_atomic(card_path, card)
+        report, _ = evaluate(load_model(out, device), PreparedData(data).load(split), batch_size=16,
+                             device=device, split=split)
+    except BaseException:
+        out.unlink(missing_ok=True)
+        card_path.unlink(missing_ok=True)
+        raise
+    card["_file_size_mb"] = round(out.stat().st_size / 2**20, 3)
+    card["_metrics"] = {f"{dataset_name}-{split}": report}
+    card["_metrics_text"] = format_report(report)
+    card["_packed_at_commit"] = _git_commit()
+    write_json_atomic(card_path, card)
+    return card
+
+
+def card_markdown(card: dict[str, Any]) -> str:
+    """The card's test metrics as a Markdown table (for the README)."""
+    rows = []
+    for key, report in card["_metrics"].items():
+        p, i, hd = report["pooled"], report["per_image"], report["hd95_pixels"]
+        rows.append(f"| {key} | {report['protocol']} | {report['n_images']} | {100 * p['miou']:.2f} | "
+                    f"{100 * p['dsc']:.2f} | {100 * p['accuracy']:.2f} | {100 * p['sensitivity']:.2f} | "
+                    f"{100 * p['specificity']:.2f} | {100 * i['dice_mean']:.2f} ± {100 * i['dice_std']:.2f} | "
+                    f"{100 * i['iou_mean']:.2f} ± {100 * i['iou_std']:.2f} | {hd['mean']:.1f} |")
+    head = ("| data-split | protocol | images | mIoU (pooled) % | DSC (pooled) % | Acc % | Sen % | Spe % | "
+            "Dice per image % | IoU per image % | HD95 mean px |\n"
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    return "\n".join([head, *rows])
+
+
+def load_card(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ScsonetError(f"{path}: model card not found")
+    return json.loads(path.read_text())
