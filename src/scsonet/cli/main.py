@@ -8,7 +8,7 @@ import sys
 from ..errors import ScsonetError
 
 # Each module defines ``register(subparsers)``, which adds its parser and sets ``func``.
-SUBCOMMAND_MODULES = ["models", "complexity", "evaluate", "predict", "data", "train", "export"]
+SUBCOMMAND_MODULES = ["models", "complexity", "evaluate", "predict", "data", "train", "export", "weights", "benchmark"]
 
 
 def build_parser() -> argparse.ArgumentParser:
