@@ -28,8 +28,8 @@ from .errors import ScsonetError
 from .models import create_model
 from .train import PROTOCOLS, TrainConfig, load_config, train
 
-__all__ = ["BenchmarkResult", "TableRow", "PUBLISHED", "PAPER_COLUMNS", "run_benchmark", "format_markdown",
-           "format_csv", "plot_dsc_vs_macs"]
+__all__ = ["BenchmarkResult", "TableRow", "PUBLISHED", "PAPER_COLUMNS", "run_benchmark", "ensure_run",
+           "check_run_config", "format_markdown", "format_csv", "plot_dsc_vs_macs"]
 
 # Params (M), GFLOPs, mIoU (%), DSC (%) as the paper printed them: thop counts divided by 1024^2 and
 # 1024^3, pooled pixel metrics, paper protocol (fit on train+val, checkpoint chosen on test).
@@ -174,20 +174,9 @@ def run_benchmark(
     for i, (name, seed) in enumerate(jobs, 1):
         cfg = dataclasses.replace(base, data=str(dataset.root.resolve()), model=name, seed=seed,
                                   out_dir=str(out / "runs"), run_name=f"{name}-{base.protocol}-s{seed}")
-        run_dir = out / "runs" / cfg.run_name
-        tag = f"[{i}/{len(jobs)}] {cfg.run_name}"
-        if (run_dir / REPORT).is_file():
-            check_run_config(run_dir, cfg)
-            log(f"{tag}: done, kept")
-        elif (run_dir / "last.pt").is_file():
-            check_run_config(run_dir, cfg)
-            log(f"{tag}: resuming {run_dir}")
-            train(cfg, resume=run_dir)
-        else:
-            log(f"{tag}: training {cfg.epochs} epochs, {cfg.protocol} protocol -> {run_dir}")
-            train(cfg)
-        run_dirs.append(run_dir)
-        reports[name, seed] = _read_report(run_dir)
+        run_dirs.append(Path(cfg.out_dir) / cfg.run_name)
+        prefix = f"[{i}/{len(jobs)}] {cfg.run_name}: "
+        reports[name, seed] = ensure_run(cfg, lambda line, prefix=prefix: log(prefix + line))
 
     rows = []
     for name in models:
@@ -211,6 +200,22 @@ def run_benchmark(
                                        title=f"{Path(data).name}, {base.protocol} protocol")
     log(f"wrote {out / 'table.md'}, {out / 'table.csv'}" + (f", {figure_path}" if figure_path else ""))
     return BenchmarkResult(rows, out / "table.md", out / "table.csv", figure_path, run_dirs)
+
+
+def ensure_run(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """The test report of the run ``cfg`` names: kept if done, resumed if cut short, else trained."""
+    run_dir = Path(cfg.out_dir) / cfg.run_name
+    if (run_dir / REPORT).is_file():
+        check_run_config(run_dir, cfg)
+        log("done, kept")
+    elif (run_dir / "last.pt").is_file():
+        check_run_config(run_dir, cfg)
+        log(f"resuming {run_dir}")
+        train(cfg, resume=run_dir)
+    else:
+        log(f"training {cfg.epochs} epochs, {cfg.protocol} protocol -> {run_dir}")
+        train(cfg)
+    return _read_report(run_dir)
 
 
 def check_run_config(run_dir: Path, cfg: TrainConfig) -> None:
