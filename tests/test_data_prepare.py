@@ -349,13 +349,17 @@ def test_real_isic2017_pairs_match_split_file():
 
 
 @pytest.mark.realdata
-@pytest.mark.slow
-def test_real_isic2017_prepare_acceptance(tmp_path):
-    _need_real_data()
-    m = prepare_dataset("isic2017", SHARED_ISIC2017, tmp_path / "isic2017",
-                        split_file=SHARED_ISIC2017 / "split_7_3.csv", progress=False)
+def test_real_isic2017_prepare_acceptance(isic2017_prepared):
+    from scsonet.data import PreparedData
+
+    m = PreparedData(isic2017_prepared).manifest
     assert {s: v["count"] for s, v in m["splits"].items()} == {"train": 1350, "val": 150, "test": 650}
     assert not m["skipped"]
+    with open(SHARED_ISIC2017 / "split_7_3.csv") as f:
+        expected = {}
+        for row in csv.DictReader(f):
+            expected.setdefault(row["split"], set()).add(row["image_id"])
+    assert {s: set(v["ids"]) for s, v in m["splits"].items()} == expected
 
 
 def test_mask_outline_is_the_inner_border():

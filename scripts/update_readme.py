@@ -1,0 +1,65 @@
+#!/usr/bin/env python
+"""Regenerate the figures in README.md from the commands that produce them.
+
+A block ``<!-- BEGIN GENERATED: scsonet ARGS -->`` ... ``<!-- END GENERATED -->`` holds the output of
+``scsonet ARGS``; ``<!-- BEGIN FILE: PATH -->`` ... ``<!-- END FILE -->`` holds a saved benchmark
+output (timings vary from run to run, so they are re-measured by hand and saved, never typed).
+``--check`` exits 1 when README.md differs from what the commands print now.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import re
+import shlex
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BLOCK = re.compile(r"(<!-- BEGIN (GENERATED|FILE): (.+?) -->\n)(.*?)(<!-- END \2 -->)", re.S)
+
+
+def _scsonet_output(command: str) -> str:
+    from scsonet.cli.main import main
+
+    args = shlex.split(command)
+    if args[0] != "scsonet":
+        raise SystemExit(f"generated block must run scsonet, got {command!r}")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        status = main(args[1:])
+    if status:
+        raise SystemExit(f"{command!r} exited {status}")
+    return out.getvalue().strip()
+
+
+def render(text: str) -> str:
+    def fill(match: re.Match) -> str:
+        begin, kind, arg, _, end = match.groups()
+        body = _scsonet_output(arg) if kind == "GENERATED" else (ROOT / arg).read_text().strip()
+        if not body.startswith("|"):
+            body = f"```text\n{body}\n```"
+        return f"{begin}{body}\n{end}"
+
+    return BLOCK.sub(fill, text)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="only compare; exit 1 if README.md is stale")
+    args = parser.parse_args()
+    readme = ROOT / "README.md"
+    current = readme.read_text()
+    fresh = render(current)
+    if args.check:
+        if fresh != current:
+            print("README.md is stale: run python scripts/update_readme.py", file=sys.stderr)
+            return 1
+        return 0
+    readme.write_text(fresh)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
