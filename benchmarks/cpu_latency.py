@@ -10,13 +10,19 @@ round-robin over all models and batch sizes, so a burst of other work on the mac
 model alike instead of one of them; on a busy machine the minimum is the steadier figure.
 
 A backend is a function ``(model, x) -> runner``, the runner a zero-argument callable that does
-one forward pass on ``x``; another runtime (ONNX Runtime, say: export, open a session, return
-``lambda: session.run(...)``) becomes a column pair by adding one such function to ``BACKENDS``.
+one forward pass on ``x`` (or None where the backend cannot run that model). ``onnxruntime``
+exports the model with ``scsonet export`` and runs it through the sessions of ``scsonet predict
+--backend onnxruntime`` (exact, float32); ``onnxruntime-int8`` is the ``--quantize int8`` model,
+calibrated on the shipped sample images. Each non-torch backend also gets a speed-up column:
+torch eager ms/image over its own, at batch 1, from the same interleaved run.
 """
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import sys
+import tempfile
 import platform
 import statistics
 import time
@@ -26,7 +32,8 @@ import torch
 import torch.nn as nn
 
 from scsonet.complexity import count_params
-from scsonet.models import create_model, list_models
+from scsonet.models import LoadedModel, create_model, list_models
+from scsonet.transforms import SegmentationPreset
 
 Runner = Callable[[], object]
 Backend = Callable[[nn.Module, torch.Tensor], Runner]
@@ -44,7 +51,39 @@ def torch_eager(model: nn.Module, x: torch.Tensor) -> Runner:
     return run
 
 
-BACKENDS: dict[str, Backend] = {"torch": torch_eager}
+def onnxruntime_backend(quantize: str | None = None) -> Backend:
+    """Export each model once (per input size) and time ``OrtSegmenter.logits`` on ``x``."""
+    from scsonet.export import export_onnx
+    from scsonet.inference import sample_images
+    from scsonet.onnx_runtime import OrtSegmenter
+
+    folder = tempfile.TemporaryDirectory(prefix="cpu_latency_onnx_")
+    segmenters: dict[tuple[int, tuple[int, ...]], OrtSegmenter | None] = {}
+
+    def make(model: nn.Module, x: torch.Tensor) -> Runner | None:
+        key = (id(model), tuple(x.shape[2:]))
+        if key not in segmenters:
+            loaded = LoadedModel(model, SegmentationPreset(tuple(x.shape[2:])), type(model).__name__, "random init")
+            path = os.path.join(folder.name, f"{id(model)}_{len(segmenters)}.onnx")
+            try:
+                export_onnx(loaded, path, check=False, quantize=quantize, calibration_images=sample_images())
+                segmenters[key] = OrtSegmenter(path, threads=torch.get_num_threads())
+            except Exception as err:  # a peer model the exporter cannot handle: leave its cells empty
+                print(f"note: {type(model).__name__}: no ONNX Runtime figure ({type(err).__name__}: {err})",
+                      file=sys.stderr)
+                segmenters[key] = None
+        segmenter, array = segmenters[key], x.numpy()
+        return None if segmenter is None else (lambda: segmenter.logits(array))
+
+    make.folder = folder  # keep the exported files alive as long as the backend
+    return make
+
+
+BACKENDS: dict[str, Callable[[], Backend]] = {
+    "torch": lambda: torch_eager,
+    "onnxruntime": onnxruntime_backend,
+    "onnxruntime-int8": lambda: onnxruntime_backend("int8"),
+}
 
 
 def interleaved_timings(runners: dict[Hashable, Runner], warmup: int, repeats: int) -> dict[Hashable, list[float]]:
@@ -74,13 +113,17 @@ def latency_table(
         for backend, make in backends.items()
         for b in BATCH_SIZES
     }
-    seconds = {key: STATS[stat](t) for key, t in interleaved_timings(runners, warmup, repeats).items()}
+    available = {key: run for key, run in runners.items() if run is not None}
+    seconds = {key: STATS[stat](t) for key, t in interleaved_timings(available, warmup, repeats).items()}
     rows = []
     for name, model in models.items():
         row = {"model": name, "params": count_params(model)}
         for backend in backends:
-            row[f"{backend} ms/image (b1)"] = 1000 * seconds[name, backend, 1]
-            row[f"{backend} images/s (b8)"] = 8 / seconds[name, backend, 8]
+            row[f"{backend} ms/image (b1)"] = 1000 * seconds.get((name, backend, 1), math.nan)
+            row[f"{backend} images/s (b8)"] = 8 / seconds.get((name, backend, 8), math.nan)
+        for backend in backends:
+            if backend != "torch" and "torch" in backends:
+                row[f"{backend} speed-up (b1)"] = row["torch ms/image (b1)"] / row[f"{backend} ms/image (b1)"]
         rows.append(row)
     return rows
 
@@ -89,7 +132,8 @@ def format_markdown(rows: list[dict]) -> str:
     columns = list(rows[0])
     lines = ["| " + " | ".join(columns) + " |", "| --- |" + " ---: |" * (len(columns) - 1)]
     for row in rows:
-        cells = [row["model"], f"{row['params']:,}"] + [f"{row[c]:.1f}" for c in columns[2:]]
+        cells = [row["model"], f"{row['params']:,}"] + [f"{row[c]:.2f}" if "speed-up" in c else f"{row[c]:.1f}"
+                                                          for c in columns[2:]]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -102,13 +146,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=int, default=3, help="untimed calls before timing (3)")
     p.add_argument("--repeats", type=int, default=10, help="timed calls per model and batch size (10)")
     p.add_argument("--stat", choices=sorted(STATS), default="median", help="statistic of the timed calls (median)")
+    p.add_argument("--backends", default=",".join(BACKENDS), help=f"comma-separated, of {', '.join(BACKENDS)} (all)")
     args = p.parse_args(argv)
     names = [n for n in args.models.split(",") if n] or list_models()
     unknown = sorted(set(names) - set(list_models()))
     if unknown:
         p.error(f"unknown models {unknown}; registered: {', '.join(list_models())}")
+    chosen = [b for b in args.backends.split(",") if b]
+    if unknown := sorted(set(chosen) - set(BACKENDS)):
+        p.error(f"unknown backends {unknown}; choose from {', '.join(BACKENDS)}")
     torch.set_num_threads(args.threads)
-    rows = latency_table(names, BACKENDS, args.size, args.warmup, args.repeats, args.stat)
+    rows = latency_table(names, {b: BACKENDS[b]() for b in chosen}, args.size, args.warmup, args.repeats, args.stat)
     load = os.getloadavg()[0]  # other work on the machine inflates every figure: report it
     print(f"CPU latency at {args.size}x{args.size}, {args.threads} threads, {args.stat} of {args.repeats} after "
           f"{args.warmup} warm-up calls; torch {torch.__version__}, {platform.machine()}, "
