@@ -5,9 +5,11 @@ batch 8, on a square input (256), with a fixed number of threads (2). Prints a M
     .venv/bin/python benchmarks/cpu_latency.py --models scsonet,egeunet --repeats 30
 
 Each figure is the median (``--stat min``: the fastest) of ``--repeats`` timed calls after
-``--warmup`` untimed ones, in eval mode under ``torch.inference_mode``. The timed calls go
-round-robin over all models and batch sizes, so a burst of other work on the machine slows every
-model alike instead of one of them; on a busy machine the minimum is the steadier figure.
+``--warmup`` untimed ones, in eval mode under ``torch.inference_mode``. Within a backend the timed
+calls go round-robin over all models and batch sizes, so a burst of other work on the machine
+slows every model alike instead of one of them; on a busy machine the minimum is the steadier
+figure. Backends are timed one after another, not interleaved: ONNX Runtime's worker threads
+spin for a while after each run and would take the cores from a torch run that follows.
 
 A backend is a function ``(model, x) -> runner``, the runner a zero-argument callable that does
 one forward pass on ``x`` (or None where the backend cannot run that model). ``onnxruntime``
@@ -113,8 +115,10 @@ def latency_table(
         for backend, make in backends.items()
         for b in BATCH_SIZES
     }
-    available = {key: run for key, run in runners.items() if run is not None}
-    seconds = {key: STATS[stat](t) for key, t in interleaved_timings(available, warmup, repeats).items()}
+    seconds = {}
+    for backend in backends:
+        mine = {key: run for key, run in runners.items() if key[1] == backend and run is not None}
+        seconds.update((key, STATS[stat](t)) for key, t in interleaved_timings(mine, warmup, repeats).items())
     rows = []
     for name, model in models.items():
         row = {"model": name, "params": count_params(model)}
