@@ -1,0 +1,145 @@
+"""Training speed on the CPU: images per second of a full step (forward, backward, AdamW step) of
+SCSONet run plainly (eager, float32, channels-first, no compilation) and on the fast path of
+``scsonet.fast``, measured in the same run. Prints a Markdown table.
+
+    .venv/bin/python benchmarks/train_speed.py
+    .venv/bin/python benchmarks/train_speed.py --threads 2 --batch-size 8 --size 256 --rounds 8
+
+Each row runs in its own worker process, because part of the fast path is process-wide (the
+memory allocator; OpenMP's spin count, which must be set before torch loads): the plain row is
+what a user gets without any of it. The middle row applies only those process settings to
+the plain model, to show what the model re-expressions add. The workers take turns, a few
+steps each per round in alternating order, so that load from other jobs on the machine falls on
+all rows alike; each figure is the median step. All rows start from the same weights; the last
+column is the largest difference of their first logits from the plain row's.
+"""
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import platform
+import statistics
+import time
+from multiprocessing.connection import Connection
+
+import torch
+
+from scsonet.fast import RUNTIME_ENV, optimizer_options, prepare_for_training, prepare_input, tune_cpu_allocator
+from scsonet.losses import BceDiceLoss
+from scsonet.models import create_model
+
+# label -> (setup of the worker, its extra environment); the first row is the baseline
+ROWS: dict[str, tuple[str, dict[str, str]]] = {
+    "plain (eager, float32, channels-first)": ("plain", {}),
+    "plain + process settings": ("settings", RUNTIME_ENV),
+    "fast (scsonet.fast)": ("fast", RUNTIME_ENV),
+}
+
+
+def _worker(conn: Connection, setup: str, model_name: str, threads: int, batch_size: int, size: int) -> None:
+    """Build one row's model, send its logits on a fixed batch, then run steps on request (0 ends)."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = create_model(model_name).train()
+    if setup == "settings":
+        tune_cpu_allocator()
+    elif setup == "fast":
+        model = prepare_for_training(model, "cpu")
+    options = optimizer_options("cpu") if setup == "fast" else {}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-2, **options)
+    criterion = BceDiceLoss()
+    g = torch.Generator().manual_seed(1)
+    images = torch.randn(batch_size, 3, size, size, generator=g)
+    masks = (torch.rand(batch_size, 1, size, size, generator=g) > 0.5).float()
+    if setup == "fast":
+        images = prepare_input(images)
+    conn.send(model(images).detach())  # with autograd on, as in training
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        criterion(model(images), masks).backward()
+        optimizer.step()
+
+    while steps := conn.recv():
+        times = []
+        for _ in range(steps):
+            start = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - start)
+        conn.send(times)
+
+
+def measure(
+    rows: dict[str, tuple[str, dict[str, str]]], model_name: str, threads: int, batch_size: int, size: int,
+    warmup: int, rounds: int, steps: int,
+) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """Per row: the seconds of every timed step, and the largest logit difference from the first row."""
+    ctx = mp.get_context("spawn")
+    conns, procs = {}, []
+    for label, (setup, env) in rows.items():
+        parent, child = ctx.Pipe()
+        saved = dict(os.environ)
+        os.environ.update({k: v for k, v in env.items() if k not in saved})  # the user's settings win
+        proc = ctx.Process(target=_worker, args=(child, setup, model_name, threads, batch_size, size), daemon=True)
+        proc.start()  # the child copies the environment now
+        os.environ.clear()
+        os.environ.update(saved)
+        conns[label] = parent
+        procs.append(proc)
+    logits = {label: conn.recv() for label, conn in conns.items()}
+    base = next(iter(logits.values()))
+    diffs = {label: (out - base).abs().max().item() for label, out in logits.items()}
+    for conn in conns.values():  # warm up one at a time: workers never run together
+        conn.send(warmup)
+        conn.recv()
+    times = {label: [] for label in rows}
+    for r in range(rounds):
+        for label in list(rows) if r % 2 == 0 else list(reversed(rows)):
+            conns[label].send(steps)
+            times[label] += conns[label].recv()
+    for conn in conns.values():
+        conn.send(0)
+    for proc in procs:
+        proc.join()
+    return times, diffs
+
+
+def format_table(times: dict[str, list[float]], diffs: dict[str, float], batch_size: int) -> str:
+    base = statistics.median(next(iter(times.values())))
+    lines = [
+        "| variant | ms/batch | ms/image | images/s | speed-up | max abs logit diff |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for label, ts in times.items():
+        t = statistics.median(ts)
+        lines.append(
+            f"| {label} | {1000 * t:.1f} | {1000 * t / batch_size:.1f} | {batch_size / t:.1f}"
+            f" | {base / t:.2f}x | {diffs[label]:.1e} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="scsonet", help="registered model name (scsonet)")
+    p.add_argument("--threads", type=int, default=2, help="torch intra-op threads per worker (2)")
+    p.add_argument("--batch-size", type=int, default=8, help="images per step (8)")
+    p.add_argument("--size", type=int, default=256, help="square input side (256)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per row (3)")
+    p.add_argument("--rounds", type=int, default=6, help="turns per row (6)")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per turn (3)")
+    args = p.parse_args(argv)
+    times, diffs = measure(
+        ROWS, args.model, args.threads, args.batch_size, args.size, args.warmup, args.rounds, args.steps
+    )
+    print(
+        f"{args.model} training step, batch {args.batch_size}, {args.size}x{args.size}, {args.threads} threads, "
+        f"torch {torch.__version__}, {platform.machine()}, {os.cpu_count()} CPUs; "
+        f"median of {args.rounds * args.steps} steps per row\n"
+    )
+    print(format_table(times, diffs, args.batch_size))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,375 @@
+"""Exact CPU re-expressions of slow training ops: same outputs and gradients, fewer milliseconds.
+
+On the CPU this network's thin layers hit slow kernels: oneDNN's input gradient for convolutions
+with a few output channels (the bridge's 2->1 dilated 7x7 conv) costs 10x its forward pass, tiny
+1x1 convolutions pay oneDNN's fixed cost per call, and ``max_pool2d`` over a channels-first map
+is 15x slower than an element-wise maximum. The modules here compute the same functions by
+faster routes (equal up to float rounding, gradients included) and run the plain ops whenever
+no gradient is recorded (evaluation, export).
+
+Max-pool gradients follow ``max_pool2d``: all of a window's gradient goes to its first maximum in
+scan order. Ties are common (flat image regions give equal activations), so they are resolved
+exactly, not assumed away.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.modules.utils import _pair
+
+from .sc_att_bridge import SpatialAttentionBridge
+from .scconv import SRU
+
+__all__ = [
+    "FastConv2d", "FastMaxPool2d", "FastSpatialAttentionBridge", "FastSRU", "PhaseConvNormPool",
+    "upsample2x_aligned",
+]
+
+
+def _keep_first_hit(hits: list[torch.Tensor]) -> None:
+    """Zero, in place, every 0/1 hit after the first along ``hits`` (same-shape float masks)."""
+    free = 1 - hits[0]
+    for i, hit in enumerate(hits[1:], start=1):
+        hit.mul_(free)
+        if i < len(hits) - 1:
+            free.sub_(hit)
+
+
+def _max_pool_grad_via_aten(x: torch.Tensor, grad_y: torch.Tensor) -> torch.Tensor:
+    """``max_pool2d``'s own gradient: the reference, used where NaNs make equality tests fail."""
+    with torch.enable_grad():
+        x = x.detach().requires_grad_()
+        return torch.autograd.grad(F.max_pool2d(x, 2), x, grad_y)[0]
+
+
+class _Conv2dFastGrad(torch.autograd.Function):
+    """Stride-1, ungrouped conv2d whose input gradient is a forward conv with flipped kernels."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, padding: tuple[int, int], dilation: tuple[int, int]):
+        ctx.save_for_backward(x, weight)
+        ctx.conv_args = padding, dilation, bias is not None
+        return F.conv2d(x, weight, bias, 1, padding, dilation)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight = ctx.saved_tensors
+        padding, dilation, has_bias = ctx.conv_args
+        grad_y = grad_y.contiguous()
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            # d(conv)/dx is the correlation of grad_y with the flipped, transposed kernel
+            k_h, k_w = weight.shape[-2:]
+            pad_t = (dilation[0] * (k_h - 1) - padding[0], dilation[1] * (k_w - 1) - padding[1])
+            grad_x = F.conv2d(grad_y, weight.flip(2, 3).transpose(0, 1), None, 1, pad_t, dilation)
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            _, grad_w, grad_b = torch.ops.aten.convolution_backward(
+                grad_y, x, weight, [weight.shape[0]] if has_bias else None,
+                [1, 1], list(padding), list(dilation), False, [0, 0], 1, [False, True, has_bias],
+            )
+        return grad_x, grad_w, grad_b, None, None
+
+
+class _Conv1x1(torch.autograd.Function):
+    """1x1 convolution through the im2col+GEMM kernels (for 1x1 a plain GEMM), both ways."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        return torch.ops.aten._slow_conv2d_forward(x, weight, [1, 1], bias, [1, 1], [0, 0])
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight = ctx.saved_tensors
+        return torch.ops.aten._slow_conv2d_backward.output_mask(
+            grad_y.contiguous(), x, weight, [1, 1], [1, 1], [0, 0], list(ctx.needs_input_grad)
+        )
+
+
+class FastConv2d(nn.Conv2d):
+    """``nn.Conv2d`` (stride 1, no groups, zero padding) on the faster CPU routes, same numbers.
+
+    1x1 kernels run as GEMMs; a conv with few output channels on a large map takes its input
+    gradient as a forward conv with flipped kernels; anything else runs plainly. Same
+    parameters and state-dict keys as the ``nn.Conv2d`` it replaces.
+    """
+
+    # below these, oneDNN's own backward is as fast (measured on 2 cores, batch 8)
+    thin_out_channels = 8
+    thin_min_pixels = 32 * 32
+
+    def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if not torch.is_grad_enabled() or input.dim() != 4:
+            return super()._conv_forward(input, weight, bias)
+        if self.kernel_size == (1, 1) and self.padding == (0, 0):
+            return _Conv1x1.apply(input.contiguous(), weight, bias)
+        h, w = input.shape[-2:]
+        if self.out_channels < self.thin_out_channels and h * w >= self.thin_min_pixels:
+            return _Conv2dFastGrad.apply(input.contiguous(), weight, bias, self.padding, self.dilation)
+        return super()._conv_forward(input, weight, bias)
+
+    @staticmethod
+    def supports(conv: nn.Module) -> bool:
+        """Whether ``conv`` is a plain ``nn.Conv2d`` that ``FastConv2d`` re-expresses exactly."""
+        return (
+            type(conv) is nn.Conv2d and conv.stride == (1, 1) and conv.groups == 1
+            and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
+            and all(d * (k - 1) >= p for d, k, p in zip(conv.dilation, conv.kernel_size, conv.padding))
+        )
+
+
+class _MaxPool2x2(torch.autograd.Function):
+    """2x2 max-pool, stride 2, of a channels-first map.
+
+    Everything runs on row-strided views with contiguous rows, the pattern the CPU kernels
+    vectorise, and the masks are float, because ``torch.where`` and bool arithmetic are not
+    vectorised (20x slower than a float multiply here).
+    """
+
+    @staticmethod
+    def forward(ctx, x):
+        rows = torch.maximum(x[:, :, 0::2], x[:, :, 1::2])
+        y = torch.maximum(rows[..., 0::2], rows[..., 1::2])
+        ctx.save_for_backward(x, y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, y = ctx.saved_tensors
+        if not torch.isfinite(y.sum()):
+            return _max_pool_grad_via_aten(x, grad_y)
+        b, c, h, w = y.shape
+        size = (h, 2 * w)  # one row of each window, columns at full resolution
+        y_wide = F.interpolate(y, size=size, mode="nearest")
+        hits = torch.empty((2, b, c) + size, dtype=x.dtype, device=x.device)
+        for i in (0, 1):
+            torch.eq(x[:, :, i::2], y_wide, out=hits[i])
+        _keep_first_hit([hits[i][..., j::2] for i in (0, 1) for j in (0, 1)])  # scan order
+        grad_wide = F.interpolate(grad_y.contiguous(), size=size, mode="nearest")
+        grad_x = torch.empty_like(x)
+        for i in (0, 1):
+            torch.mul(grad_wide, hits[i], out=grad_x[:, :, i::2])
+        return grad_x
+
+
+class FastMaxPool2d(nn.MaxPool2d):
+    """``nn.MaxPool2d(2)`` from element-wise maxima; odd sides or no autograd run plainly."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if input.dim() != 4 or input.shape[-2] % 2 or input.shape[-1] % 2 or not torch.is_grad_enabled():
+            return super().forward(input)
+        return _MaxPool2x2.apply(input.contiguous())
+
+    @staticmethod
+    def supports(pool: nn.Module) -> bool:
+        """Whether ``pool`` is a plain 2x2, stride-2 max-pool."""
+        return (
+            type(pool) is nn.MaxPool2d and _pair(pool.kernel_size) == (2, 2) and _pair(pool.stride) == (2, 2)
+            and _pair(pool.padding) == (0, 0) and _pair(pool.dilation) == (1, 1)
+            and not pool.ceil_mode and not pool.return_indices
+        )
+
+
+class _PhaseMax(torch.autograd.Function):
+    """Maximum over the 4 phases of (B, C, 4, h, w), phases in 2x2 scan order: a 2x2 max-pool."""
+
+    @staticmethod
+    def forward(ctx, z):
+        y = torch.maximum(torch.maximum(z[:, :, 0], z[:, :, 1]), torch.maximum(z[:, :, 2], z[:, :, 3]))
+        ctx.save_for_backward(z, y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        z, y = ctx.saved_tensors
+        if not torch.isfinite(y.sum()):
+            b, c, _, h, w = z.shape
+            full = F.pixel_shuffle(z.reshape(b, 4 * c, h, w), 2)
+            return F.pixel_unshuffle(_max_pool_grad_via_aten(full, grad_y), 2).view_as(z)
+        hits = torch.eq(z, y.unsqueeze(2), out=torch.empty_like(z))
+        _keep_first_hit(list(hits.unbind(2)))
+        return hits.mul_(grad_y.unsqueeze(2))
+
+
+def _phase_kernel_index(conv: nn.Conv2d) -> torch.Tensor:
+    """Index into ``[*conv.weight.flatten(), 0]`` that builds the phase kernel of ``conv``.
+
+    A k x k "same" conv followed by a 2x2 split equals one stride-2 conv with (k+1) x (k+1)
+    kernels and 4x the output channels: output channel ``4*o + 2*i + j`` holds the outputs at
+    rows 2p+i, columns 2q+j, whose kernel is the original one shifted by (i, j).
+    """
+    out_chs, in_chs, k, _ = conv.weight.shape
+    zero = conv.weight.numel()
+    index = torch.full((out_chs, 4, in_chs, k + 1, k + 1), zero, dtype=torch.long)
+    flat = torch.arange(zero).view(out_chs, in_chs, k, k)
+    for i in (0, 1):
+        for j in (0, 1):
+            index[:, 2 * i + j, :, i:i + k, j:j + k] = flat
+    return index.view(4 * out_chs, in_chs, k + 1, k + 1)
+
+
+class PhaseConvNormPool(nn.Module):
+    """act(max-pool 2(GroupNorm(conv k x k(x)))) without building the full-resolution map's layout.
+
+    The convolution runs as one stride-2 conv that writes the four 2x2 phases as separate
+    channels (see ``_phase_kernel_index``); GroupNorm's groups and the max-pool's windows are
+    then contiguous, so norm and pool are plain vectorised passes. Same submodules, parameters
+    and state-dict keys as the stage it replaces (``block``, ``norm``, ``pool``, ``act``).
+
+    Args:
+        block: ``nn.Conv2d`` with odd k, stride 1, padding k // 2, no dilation or groups.
+        norm: ``nn.GroupNorm`` over ``block.out_channels``.
+        pool: the stage's ``nn.MaxPool2d(2)`` (kept for the plain path).
+        act: activation module.
+
+    Shape:
+        (B, C_in, H, W) -> (B, C_out, H/2, W/2); odd H or W run the plain stage.
+    """
+
+    def __init__(self, block: nn.Conv2d, norm: nn.GroupNorm, pool: nn.Module, act: nn.Module):
+        super().__init__()
+        self.block, self.norm, self.pool, self.act = block, norm, pool, act
+        self.register_buffer("phase_index", _phase_kernel_index(block), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        if not torch.is_grad_enabled() or h % 2 or w % 2:
+            return self.act(self.pool(self.norm(self.block(x))))
+        weight = self.block.weight
+        kernel = torch.cat([weight.flatten(), weight.new_zeros(1)])[self.phase_index]
+        bias = None if self.block.bias is None else self.block.bias.repeat_interleave(4)
+        z = F.conv2d(x, kernel, bias, stride=2, padding=self.block.padding)
+        norm = self.norm
+        gamma = None if norm.weight is None else norm.weight.repeat_interleave(4)
+        beta = None if norm.bias is None else norm.bias.repeat_interleave(4)
+        z = F.group_norm(z, norm.num_groups, gamma, beta, norm.eps)  # a group = whole channels, all phases
+        b, c4, h2, w2 = z.shape
+        return self.act(_PhaseMax.apply(z.view(b, c4 // 4, 4, h2, w2)))
+
+    @staticmethod
+    def supports(block: nn.Module, norm: nn.Module, pool: nn.Module) -> bool:
+        """Whether a block -> norm -> pool stage can run in the phase layout."""
+        return (
+            FastConv2d.supports(block) and block.kernel_size[0] == block.kernel_size[1]
+            and block.kernel_size[0] % 2 == 1 and block.padding == (block.kernel_size[0] // 2,) * 2
+            and block.dilation == (1, 1)
+            and type(norm) is nn.GroupNorm and norm.num_channels == block.out_channels
+            and FastMaxPool2d.supports(pool)
+        )
+
+
+def _float_mask(x: torch.Tensor, threshold: float) -> torch.Tensor:
+    """(x > threshold) as 0/1 floats, without a bool tensor (bool arithmetic is not vectorised)."""
+    return torch.gt(x.detach(), threshold, out=torch.empty_like(x, requires_grad=False))
+
+
+class FastSRU(SRU):
+    """``SRU`` whose soft gate is arithmetic on a 0/1 mask instead of two ``torch.where``.
+
+    With m = [w > threshold]: W2 * x = (1 - m) * w * x and W1 * x = W2 * x + m * x, which are
+    exactly the gated values of the SCConv paper, gradients included. The hard gate runs plainly.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate != "soft":
+            return super().forward(x)
+        gamma = self.gn.weight
+        w = torch.sigmoid(self.gn(x) * (gamma / gamma.sum()).view(1, -1, 1, 1))
+        informative = _float_mask(w, self.gate_threshold)
+        x2 = (w * x).mul_(1 - informative)
+        x1 = x2 + informative * x
+        x11, x12 = x1.chunk(2, dim=1)
+        x21, x22 = x2.chunk(2, dim=1)
+        return torch.cat([x11 + x22, x12 + x21], dim=1)
+
+
+class _ChannelMax(torch.autograd.Function):
+    """``amax`` over dim 1 (keepdim) with ``amax``'s gradient (shared evenly among ties), float masks."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = x.amax(dim=1, keepdim=True)
+        ctx.save_for_backward(x, y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, y = ctx.saved_tensors
+        hits = torch.eq(x, y, out=torch.empty_like(x))
+        return hits.mul_(grad_y / hits.sum(dim=1, keepdim=True))
+
+
+class FastSpatialAttentionBridge(SpatialAttentionBridge):
+    """``SpatialAttentionBridge`` whose channel maximum takes its gradient through float masks."""
+
+    def attention(self, t: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled():
+            return super().attention(t)
+        desc = torch.cat([t.mean(dim=1, keepdim=True), _ChannelMax.apply(t)], dim=1)
+        return torch.sigmoid(self.conv(desc))
+
+
+def _lerp_weights(n: int, dim: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weights of x2 linear upsampling with aligned corners, shaped to broadcast along ``dim``.
+
+    Output 2k lies at k - a_k and output 2k+1 at k + b_k (input units), a_k = k / (2n-1),
+    b_k = (n-1-k) / (2n-1): out[2k] = x[k] - a_k (x[k] - x[k-1]), out[2k+1] = x[k] + b_k (x[k+1] - x[k]).
+    """
+    k = torch.arange(n, dtype=torch.float64)
+    shape = [1] * like.dim()
+    shape[dim] = n
+    a, b = k / (2 * n - 1), (n - 1 - k) / (2 * n - 1)
+    return a.to(like.dtype).view(shape), b.to(like.dtype).view(shape)
+
+
+def _upsample_dim(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """x2 linear upsampling with aligned corners along ``dim``, from shifted slices (vectorised)."""
+    n = x.shape[dim]
+    a, b = _lerp_weights(n, dim, x)
+    step = x.narrow(dim, 1, n - 1) - x.narrow(dim, 0, n - 1)  # x[k+1] - x[k]
+    out = x.new_empty(x.shape[:dim] + (2 * n,) + x.shape[dim + 1:])
+    even, odd = out.unflatten(dim, (n, 2)).unbind(dim + 1)
+    even.narrow(dim, 0, 1).copy_(x.narrow(dim, 0, 1))
+    torch.addcmul(x.narrow(dim, 1, n - 1), step, a.narrow(dim, 1, n - 1), value=-1, out=even.narrow(dim, 1, n - 1))
+    torch.addcmul(x.narrow(dim, 0, n - 1), step, b.narrow(dim, 0, n - 1), out=odd.narrow(dim, 0, n - 1))
+    odd.narrow(dim, n - 1, 1).copy_(x.narrow(dim, n - 1, 1))
+    return out
+
+
+def _upsample_dim_adjoint(grad: torch.Tensor, dim: int) -> torch.Tensor:
+    """The transpose of ``_upsample_dim``: the gradient of its input from that of its output."""
+    n = grad.shape[dim] // 2
+    a, b = _lerp_weights(n, dim, grad)
+    even, odd = grad.unflatten(dim, (n, 2)).unbind(dim + 1)
+    # x[k] gets (1-a_k) even[k] + (1-b_k) odd[k] + a_{k+1} even[k+1] + b_{k-1} odd[k-1]
+    shift = torch.addcmul(even.narrow(dim, 1, n - 1) * a.narrow(dim, 1, n - 1), odd.narrow(dim, 0, n - 1),
+                          b.narrow(dim, 0, n - 1), value=-1)
+    grad_x = even + odd
+    grad_x.narrow(dim, 0, n - 1).add_(shift)
+    grad_x.narrow(dim, 1, n - 1).sub_(shift)
+    return grad_x
+
+
+class _Upsample2xAligned(torch.autograd.Function):
+    """Bilinear x2 upsampling with aligned corners, as two separable 1-D passes each way."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return _upsample_dim(_upsample_dim(x, 2), 3)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        return _upsample_dim_adjoint(_upsample_dim_adjoint(grad_y.contiguous(), 3), 2)
+
+
+def upsample2x_aligned(x: torch.Tensor) -> torch.Tensor:
+    """``F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=True)``, faster with autograd.
+
+    The CPU kernel's backward scatters one output pixel at a time; this runs both directions as a
+    few shifted multiply-adds over whole rows. Maps under 16 pixels a side, or no autograd, run
+    the plain kernel.
+    """
+    if not torch.is_grad_enabled() or x.dim() != 4 or min(x.shape[-2:]) < 16:
+        return F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=True)
+    return _Upsample2xAligned.apply(x.contiguous())
