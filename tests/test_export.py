@@ -146,7 +146,9 @@ def test_ort_segmenter_matches_torch_segmenter(exported, checkpoint, images):
         torch_probs = TorchSegmenter(load_model(checkpoint), tta=tta).predict_probs(rgb)
         ort_probs = OrtSegmenter(exported.path, threads=1, tta=tta).predict_probs(rgb)
         assert ort_probs.shape == torch_probs.shape == (3, 256, 256)
-        assert np.abs(ort_probs - torch_probs).max() < 1e-5
+        # 5e-5, not less: with the flips, PyTorch float32 itself is 1.2e-5 from the exact (float64)
+        # probabilities here, where the reparameterized export is within 1e-6
+        assert np.abs(ort_probs - torch_probs).max() < 5e-5
         assert np.mean((ort_probs >= 0.5) == (torch_probs >= 0.5)) >= 0.9999
     mask = OrtSegmenter(exported.path).segment(images[0])
     assert mask.dtype == bool and mask.shape == (300, 400)
@@ -181,7 +183,7 @@ def test_cli_predict_backends_agree(exported, checkpoint, images, workdir):
 def test_cli_export_torchscript_rejects_onnx_options(checkpoint, workdir, capsys):
     assert main(["export", "--weights", str(checkpoint), "--format", "torchscript", "--quantize", "int8",
                  "--out", str(workdir / "m.pt")]) == 2
-    assert "--quantize apply to --format onnx only" in capsys.readouterr().err
+    assert "--quantize and --no-reparameterize apply to --format onnx only" in capsys.readouterr().err
 
 
 def test_int8_export_is_labelled_and_close(workdir, checkpoint, images, monkeypatch):

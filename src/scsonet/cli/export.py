@@ -26,6 +26,8 @@ def register(subparsers) -> None:
     p.add_argument("--calibration-images", nargs="+", default=(), metavar="IMAGE",
                    help="images that calibrate int8 activations (default: the check images)")
     p.add_argument("--tolerance", type=float, default=1e-4, help="allowed |logit difference| to PyTorch (1e-4)")
+    p.add_argument("--no-reparameterize", dest="reparameterize", action="store_false",
+                   help="export the model's own graph, not its leaner equivalent from scsonet.deploy (ONNX)")
     p.add_argument("--no-check", dest="check", action="store_false", help="skip the comparison with PyTorch")
     p.add_argument("--json", action="store_true", help="print the export report as JSON")
     p.set_defaults(func=run)
@@ -37,11 +39,12 @@ def run(args) -> int:
     check_images = default_check_images() if args.check_images is None else args.check_images
     kwargs = dict(check=args.check, check_images=check_images, tolerance=args.tolerance)
     if args.fmt == "onnx":
-        kwargs.update(opset=args.opset, quantize=args.quantize, calibration_images=args.calibration_images)
-    elif args.quantize or args.opset != 17:
+        kwargs.update(opset=args.opset, quantize=args.quantize, calibration_images=args.calibration_images,
+                      reparameterize=args.reparameterize)
+    elif args.quantize or args.opset != 17 or not args.reparameterize:
         from ..errors import ScsonetError
 
-        raise ScsonetError("--opset and --quantize apply to --format onnx only")
+        raise ScsonetError("--opset, --quantize and --no-reparameterize apply to --format onnx only")
     report = export_model(args.weights, args.out, args.fmt, **kwargs)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
