@@ -18,9 +18,10 @@ import sys
 import torch
 import torch.nn as nn
 
-from .layers import SRU, SpatialAttentionBridge
+from ._runtime import RUNTIME_ENV
+from .layers import SRU, ODConv2d, SpatialAttentionBridge
 from .layers.fast import (
-    FastConv2d, FastMaxPool2d, FastSpatialAttentionBridge, FastSRU, PhaseConvNormPool, upsample2x_aligned,
+    FastConv2d, FastMaxPool2d, FastODConv2d, FastSpatialAttentionBridge, FastSRU, PhaseConvNormPool, upsample2x_aligned,
 )
 from .models.scsonet import _DecoderStage, _EncoderStage
 
@@ -30,12 +31,6 @@ __all__ = ["RUNTIME_ENV", "optimizer_options", "prepare_for_training", "prepare_
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 
-# Process settings of the fast path, for the environment of a process that has not loaded torch
-# yet (libgomp reads them once). OpenMP worker threads spin 300,000 times between parallel
-# regions by default; on a CPU shared with other jobs a spinning thread spends its time slice,
-# gets descheduled, and every parallel op then waits a scheduler tick (~10 ms) for it. A short
-# spin still bridges the microseconds between consecutive ops of one step.
-RUNTIME_ENV = {"GOMP_SPINCOUNT": "10000"}
 
 # encoder stages whose conv has at most this many input channels run in the phase layout
 PHASE_MAX_IN_CHANNELS = 3
@@ -105,6 +100,8 @@ def prepare_for_training(model: nn.Module, device: torch.device | str = "cpu") -
             _swap_class(module, FastMaxPool2d)
         elif type(module) is _DecoderStage:
             _swap_class(module, FastDecoderStage)
+        elif type(module) is ODConv2d:
+            _swap_class(module, FastODConv2d)
         elif type(module) is SRU:
             _swap_class(module, FastSRU)
         elif type(module) is SpatialAttentionBridge:

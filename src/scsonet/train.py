@@ -32,6 +32,7 @@ from ._device import resolve_device
 from ._io import torch_save_atomic, write_json_atomic, write_text_atomic
 from .errors import ScsonetError
 from .evaluation import evaluate, write_report
+from .fast import optimizer_options, prepare_for_training
 from .losses import BceDiceLoss
 from .models import create_model
 
@@ -65,6 +66,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     amp: str = "off"  # off | bf16 (autocast; this tiny network is launch-bound, so off is the default)
     cuda_graph: bool = True  # capture the whole training step as a CUDA graph (single CUDA process)
+    fast: bool = True  # CPU: exact re-expressions of slow blocks and fused AdamW (scsonet.fast)
     threads: int = 0  # CPU threads for torch (0 = torch's default)
     out_dir: str = "runs"  # run directories are created here
     run_name: str = ""  # default: <model>-<protocol>-s<seed>
@@ -227,9 +229,13 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> Path:
     # -- model and optimiser: the same seed gives the same initial weights on every rank
     torch.manual_seed(cfg.seed)
     model = create_model(cfg.model, **cfg.model_args).to(device)
+    optimizer_kwargs = {}
+    if cfg.fast:
+        model = prepare_for_training(model, device)
+        optimizer_kwargs = optimizer_options(device)
     lr_value = torch.tensor(get_lr(0, cfg), device=device) if use_graph else get_lr(0, cfg)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr_value, weight_decay=cfg.weight_decay,
-                                  capturable=use_graph)
+                                  capturable=use_graph, **optimizer_kwargs)
     start_epoch, best_dsc, history = 0, -1.0, []
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])

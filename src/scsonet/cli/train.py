@@ -15,6 +15,12 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
+    import os
+
+    from .._runtime import RUNTIME_ENV  # must reach the environment before torch loads
+
+    for key, value in RUNTIME_ENV.items():
+        os.environ.setdefault(key, value)
     from ..train import load_config, train
 
     overrides = list(args.overrides) + ([f"protocol={args.protocol}"] if args.protocol else [])
