@@ -12,9 +12,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from scsonet.fast import RUNTIME_ENV, optimizer_options, prepare_for_training, prepare_input
-from scsonet.layers import SRU, SpatialAttentionBridge
+from scsonet.layers import SRU, ODConv2d, SpatialAttentionBridge
 from scsonet.layers.fast import (
-    FastConv2d, FastMaxPool2d, FastSpatialAttentionBridge, FastSRU, PhaseConvNormPool, upsample2x_aligned,
+    FastConv2d, FastMaxPool2d, FastODConv2d, FastSpatialAttentionBridge, FastSRU, PhaseConvNormPool,
+    upsample2x_aligned,
 )
 from scsonet.models import create_model, list_models
 
@@ -82,7 +83,7 @@ def test_prepare_swaps_the_scsonet_blocks_and_keeps_parameters():
     params = dict(model.named_parameters())
     prepare_for_training(model, "cpu")
     kinds = {type(m) for m in model.modules()}
-    assert {FastConv2d, FastMaxPool2d, PhaseConvNormPool, FastSRU, FastSpatialAttentionBridge} <= kinds
+    assert {FastConv2d, FastMaxPool2d, FastODConv2d, PhaseConvNormPool, FastSRU, FastSpatialAttentionBridge} <= kinds
     assert {n: id(p) for n, p in model.named_parameters()} == {n: id(p) for n, p in params.items()}
 
 
@@ -178,7 +179,7 @@ def test_fast_conv_matches_conv2d(conv):
     fast = copy.deepcopy(conv)
     assert FastConv2d.supports(fast)
     fast.__class__ = FastConv2d
-    x = torch.randn(2, conv.in_channels, 32, 40)
+    x = torch.randn(2, 32, 40, conv.in_channels).permute(0, 3, 1, 2)  # channels-last strides, as after a permute
     grad_y = torch.randn(2, conv.out_channels, 32, 40)
     results = []
     for module in (conv, fast):
@@ -200,6 +201,24 @@ def test_upsample_matches_bilinear_interpolate_with_aligned_corners(shape):
     (got,) = torch.autograd.grad(y_f, x, grad_y)
     torch.testing.assert_close(y_f, y, rtol=0, atol=1e-12)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("kernel_num", [1, 3])
+def test_fast_odconv_folds_attentions_into_the_same_function(kernel_num):
+    torch.manual_seed(0)
+    conv = ODConv2d(4, 6, 3, kernel_num=kernel_num).double()
+    fast = copy.deepcopy(conv)
+    fast.__class__ = FastODConv2d
+    x = torch.randn(3, 4, 10, 12, dtype=torch.float64)
+    grad_y = torch.randn(3, 6, 10, 12, dtype=torch.float64)
+    results = []
+    for module in (conv, fast):
+        xr = x.clone().requires_grad_()
+        y = module(xr)
+        y.backward(grad_y)
+        results.append([y, xr.grad] + [p.grad for p in module.parameters()])
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
 def test_fast_sru_gates_exactly_like_sru():

@@ -18,11 +18,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
 
+from .odconv import ODConv2d
 from .sc_att_bridge import SpatialAttentionBridge
 from .scconv import SRU
 
 __all__ = [
-    "FastConv2d", "FastMaxPool2d", "FastSpatialAttentionBridge", "FastSRU", "PhaseConvNormPool",
+    "FastConv2d", "FastMaxPool2d", "FastODConv2d", "FastSpatialAttentionBridge", "FastSRU", "PhaseConvNormPool",
     "upsample2x_aligned",
 ]
 
@@ -71,22 +72,6 @@ class _Conv2dFastGrad(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None
 
 
-class _Conv1x1(torch.autograd.Function):
-    """1x1 convolution through the im2col+GEMM kernels (for 1x1 a plain GEMM), both ways."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias):
-        ctx.save_for_backward(x, weight)
-        return torch.ops.aten._slow_conv2d_forward(x, weight, [1, 1], bias, [1, 1], [0, 0])
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        x, weight = ctx.saved_tensors
-        return torch.ops.aten._slow_conv2d_backward.output_mask(
-            grad_y.contiguous(), x, weight, [1, 1], [1, 1], [0, 0], list(ctx.needs_input_grad)
-        )
-
-
 class FastConv2d(nn.Conv2d):
     """``nn.Conv2d`` (stride 1, no groups, zero padding) on the faster CPU routes, same numbers.
 
@@ -103,7 +88,9 @@ class FastConv2d(nn.Conv2d):
         if not torch.is_grad_enabled() or input.dim() != 4:
             return super()._conv_forward(input, weight, bias)
         if self.kernel_size == (1, 1) and self.padding == (0, 0):
-            return _Conv1x1.apply(input.contiguous(), weight, bias)
+            # im2col+GEMM kernels (for 1x1 a plain GEMM), with their own autograd formula. Their weight
+            # gradient is wrong for a channels-last-strided input (torch 2.13): hence contiguous().
+            return torch.ops.aten._slow_conv2d_forward(input.contiguous(), weight, [1, 1], bias, [1, 1], [0, 0])
         h, w = input.shape[-2:]
         if self.out_channels < self.thin_out_channels and h * w >= self.thin_min_pixels:
             return _Conv2dFastGrad.apply(input.contiguous(), weight, bias, self.padding, self.dilation)
@@ -117,6 +104,14 @@ class FastConv2d(nn.Conv2d):
             and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
             and all(d * (k - 1) >= p for d, k, p in zip(conv.dilation, conv.kernel_size, conv.padding))
         )
+
+
+def _repeat_columns(t: torch.Tensor) -> torch.Tensor:
+    """Each column twice: (B, C, h, w) -> (B, C, h, 2w)."""
+    b, c, h, w = t.shape
+    if w >= 64:  # nearest interpolation is the faster kernel on wide maps, the slower on narrow ones
+        return F.interpolate(t, size=(h, 2 * w), mode="nearest")
+    return t.unsqueeze(-1).expand(b, c, h, w, 2).reshape(b, c, h, 2 * w)
 
 
 class _MaxPool2x2(torch.autograd.Function):
@@ -141,12 +136,12 @@ class _MaxPool2x2(torch.autograd.Function):
             return _max_pool_grad_via_aten(x, grad_y)
         b, c, h, w = y.shape
         size = (h, 2 * w)  # one row of each window, columns at full resolution
-        y_wide = F.interpolate(y, size=size, mode="nearest")
+        y_wide = _repeat_columns(y)
         hits = torch.empty((2, b, c) + size, dtype=x.dtype, device=x.device)
         for i in (0, 1):
             torch.eq(x[:, :, i::2], y_wide, out=hits[i])
         _keep_first_hit([hits[i][..., j::2] for i in (0, 1) for j in (0, 1)])  # scan order
-        grad_wide = F.interpolate(grad_y.contiguous(), size=size, mode="nearest")
+        grad_wide = _repeat_columns(grad_y)
         grad_x = torch.empty_like(x)
         for i in (0, 1):
             torch.mul(grad_wide, hits[i], out=grad_x[:, :, i::2])
@@ -373,3 +368,26 @@ def upsample2x_aligned(x: torch.Tensor) -> torch.Tensor:
     if not torch.is_grad_enabled() or x.dim() != 4 or min(x.shape[-2:]) < 16:
         return F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=True)
     return _Upsample2xAligned.apply(x.contiguous())
+
+
+class FastODConv2d(ODConv2d):
+    """``ODConv2d`` with the input-channel and output-filter attentions folded into the kernels.
+
+    conv(x * a_c, W_b) * a_f = conv(x, a_f * W_b * a_c): the same function, without two
+    element-wise passes over the maps and their gradients (the per-sample kernels are tiny).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled() or torch.jit.is_tracing():
+            return super().forward(x)
+        b, _, h, w = x.shape
+        channel, filt, spatial, kernel = self.attention(x)
+        weight = spatial * self.weight.unsqueeze(0)  # (B, n, Cout, Cin, k, k)
+        if kernel is not None:
+            weight = weight * kernel
+        weight = weight.sum(dim=1) * filt.view(b, self.out_chs, 1, 1, 1) * channel.view(b, 1, self.in_chs, 1, 1)
+        y = F.conv2d(
+            x.reshape(1, b * self.in_chs, h, w), weight.reshape(b * self.out_chs, self.in_chs, *weight.shape[-2:]),
+            None, self.stride, self.padding, self.dilation, groups=b,
+        )
+        return y.view(b, self.out_chs, y.shape[-2], y.shape[-1])
