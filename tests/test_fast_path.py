@@ -136,7 +136,9 @@ def pool_grads(pool: nn.Module, x: torch.Tensor, grad_y: torch.Tensor):
 @pytest.mark.parametrize("kind", ["random", "ties", "nan"])
 def test_fast_max_pool_routes_gradients_exactly_like_max_pool2d(kind):
     g = torch.Generator().manual_seed(0)
-    x = torch.randint(0, 3, (2, 3, 8, 12), generator=g).float() if kind == "ties" else torch.randn(2, 3, 8, 12, generator=g)
+    x = torch.randn(2, 3, 8, 12, generator=g)
+    if kind == "ties":
+        x = torch.randint(0, 3, x.shape, generator=g).float()
     if kind == "nan":
         x[0, 1, 2, 3] = x[1, 2, 5, 5] = float("nan")
     grad_y = torch.randn(2, 3, 4, 6, generator=g)

@@ -21,7 +21,8 @@ import torch.nn as nn
 from ._runtime import RUNTIME_ENV
 from .layers import SRU, ODConv2d, SpatialAttentionBridge
 from .layers.fast import (
-    FastConv2d, FastMaxPool2d, FastODConv2d, FastSpatialAttentionBridge, FastSRU, PhaseConvNormPool, upsample2x_aligned,
+    FastConv2d, FastMaxPool2d, FastODConv2d, FastSpatialAttentionBridge, FastSRU, PhaseConvNormPool,
+    upsample2x_aligned,
 )
 from .models.scsonet import _DecoderStage, _EncoderStage
 
@@ -30,7 +31,6 @@ __all__ = ["RUNTIME_ENV", "optimizer_options", "prepare_for_training", "prepare_
 # glibc mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
-
 
 # encoder stages whose conv has at most this many input channels run in the phase layout
 PHASE_MAX_IN_CHANNELS = 3
