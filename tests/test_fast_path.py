@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from scsonet.fast import RUNTIME_ENV, optimizer_options, prepare_for_training, prepare_input
 from scsonet.layers import SRU, ODConv2d, SpatialAttentionBridge
 from scsonet.layers.fast import (
-    FastConv2d, FastMaxPool2d, FastODConv2d, FastSpatialAttentionBridge, FastSRU, PhaseConvNormPool,
-    upsample2x_aligned,
+    FastConv2d, FastMaxPool2d, FastODConv2d, FastSCAttentionBridge, FastSpatialAttentionBridge, FastSRU,
+    PhaseConvNormPool, upsample2x_aligned,
 )
 from scsonet.models import create_model, list_models
 
@@ -83,7 +83,9 @@ def test_prepare_swaps_the_scsonet_blocks_and_keeps_parameters():
     params = dict(model.named_parameters())
     prepare_for_training(model, "cpu")
     kinds = {type(m) for m in model.modules()}
-    assert {FastConv2d, FastMaxPool2d, FastODConv2d, PhaseConvNormPool, FastSRU, FastSpatialAttentionBridge} <= kinds
+    fast_kinds = {FastConv2d, FastMaxPool2d, FastODConv2d, PhaseConvNormPool, FastSRU, FastSpatialAttentionBridge,
+                  FastSCAttentionBridge}
+    assert fast_kinds <= kinds
     assert {n: id(p) for n, p in model.named_parameters()} == {n: id(p) for n, p in params.items()}
 
 

@@ -19,10 +19,10 @@ import torch
 import torch.nn as nn
 
 from ._runtime import RUNTIME_ENV
-from .layers import SRU, ODConv2d, SpatialAttentionBridge
+from .layers import SRU, ODConv2d, SCAttentionBridge, SpatialAttentionBridge
 from .layers.fast import (
-    FastConv2d, FastMaxPool2d, FastODConv2d, FastSpatialAttentionBridge, FastSRU, PhaseConvNormPool,
-    upsample2x_aligned,
+    FastConv2d, FastMaxPool2d, FastODConv2d, FastSCAttentionBridge, FastSpatialAttentionBridge, FastSRU,
+    PhaseConvNormPool, upsample2x_aligned,
 )
 from .models.scsonet import _DecoderStage, _EncoderStage
 
@@ -106,6 +106,8 @@ def prepare_for_training(model: nn.Module, device: torch.device | str = "cpu") -
             _swap_class(module, FastSRU)
         elif type(module) is SpatialAttentionBridge:
             _swap_class(module, FastSpatialAttentionBridge)
+        elif type(module) is SCAttentionBridge:
+            _swap_class(module, FastSCAttentionBridge)
     return model
 
 

@@ -19,12 +19,12 @@ import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
 
 from .odconv import ODConv2d
-from .sc_att_bridge import SpatialAttentionBridge
+from .sc_att_bridge import SCAttentionBridge, SpatialAttentionBridge
 from .scconv import SRU
 
 __all__ = [
-    "FastConv2d", "FastMaxPool2d", "FastODConv2d", "FastSpatialAttentionBridge", "FastSRU", "PhaseConvNormPool",
-    "upsample2x_aligned",
+    "FastConv2d", "FastMaxPool2d", "FastODConv2d", "FastSCAttentionBridge", "FastSpatialAttentionBridge", "FastSRU",
+    "PhaseConvNormPool", "upsample2x_aligned",
 ]
 
 
@@ -303,6 +303,22 @@ class FastSpatialAttentionBridge(SpatialAttentionBridge):
             return super().attention(t)
         desc = torch.cat([t.mean(dim=1, keepdim=True), _ChannelMax.apply(t)], dim=1)
         return torch.sigmoid(self.conv(desc))
+
+
+class FastSCAttentionBridge(SCAttentionBridge):
+    """``SCAttentionBridge`` with the residual algebra regrouped (``cab_residual='sab'``).
+
+    s_i = t_i * a_i + t_i = t_i * (1 + a_i) and out_i = s_i * c_i + s_i = s_i * (1 + c_i): one
+    multiply instead of a multiply and an add, each way, over every bridged map.
+    """
+
+    def forward(self, feats):
+        if self.cab_residual != "sab" or not torch.is_grad_enabled():
+            return super().forward(feats)
+        spatial = [t * (1 + self.sab.attention(t)) for t in feats]
+        pooled = torch.cat([F.adaptive_avg_pool2d(s, 1).flatten(1) for s in spatial], dim=1)
+        mixed = self.cab.mix(pooled.unsqueeze(1)).squeeze(1)
+        return [s * (1 + torch.sigmoid(fc(mixed))[:, :, None, None]) for s, fc in zip(spatial, self.cab.fcs)]
 
 
 def _lerp_weights(n: int, dim: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
