@@ -235,12 +235,10 @@ class PhaseConvNormPool(nn.Module):
         kernel = torch.cat([weight.flatten(), weight.new_zeros(1)])[self.phase_index]
         bias = None if self.block.bias is None else self.block.bias.repeat_interleave(4)
         z = F.conv2d(x, kernel, bias, stride=2, padding=self.block.padding)
-        norm = self.norm
-        gamma = None if norm.weight is None else norm.weight.repeat_interleave(4)
-        beta = None if norm.bias is None else norm.bias.repeat_interleave(4)
-        z = F.group_norm(z, norm.num_groups, gamma, beta, norm.eps)  # a group = whole channels, all phases
         b, c4, h2, w2 = z.shape
-        return self.act(_PhaseMax.apply(z.view(b, c4 // 4, 4, h2, w2)))
+        z = z.view(b, c4 // 4, 4, h2, w2)  # (B, C, phase, h, w): a channel's phases are its map
+        z = F.group_norm(z, self.norm.num_groups, self.norm.weight, self.norm.bias, self.norm.eps)
+        return self.act(_PhaseMax.apply(z))
 
     @staticmethod
     def supports(block: nn.Module, norm: nn.Module, pool: nn.Module) -> bool:
