@@ -14,9 +14,14 @@ spin for a while after each run and would take the cores from a torch run that f
 A backend is a function ``(model, x) -> runner``, the runner a zero-argument callable that does
 one forward pass on ``x`` (or None where the backend cannot run that model). ``onnxruntime``
 exports the model with ``scsonet export`` and runs it through the sessions of ``scsonet predict
---backend onnxruntime`` (exact, float32); ``onnxruntime-int8`` is the ``--quantize int8`` model,
-calibrated on the shipped sample images. Each non-torch backend also gets a speed-up column:
-torch eager ms/image over its own, at batch 1, from the same interleaved run.
+--backend onnxruntime`` (exact, float32; the graph of ``scsonet.deploy.reparameterize``, as ``scsonet
+export`` writes it); ``onnxruntime-plain`` exports the model's own graph (``--no-reparameterize``);
+``onnxruntime-int8`` is the ``--quantize int8`` model, calibrated on the shipped sample images.
+Each non-torch backend also gets a speed-up column: torch eager ms/image over its own, at batch 1,
+from the same run.
+
+``--clock cpu`` times with ``time.process_time`` (CPU seconds of this process) instead of the wall
+clock: with ``--threads 1`` a figure that other work on the machine disturbs much less.
 """
 from __future__ import annotations
 
@@ -41,6 +46,7 @@ Runner = Callable[[], object]
 Backend = Callable[[nn.Module, torch.Tensor], Runner]
 BATCH_SIZES = (1, 8)
 STATS = {"median": statistics.median, "min": min}
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
 def torch_eager(model: nn.Module, x: torch.Tensor) -> Runner:
@@ -53,7 +59,7 @@ def torch_eager(model: nn.Module, x: torch.Tensor) -> Runner:
     return run
 
 
-def onnxruntime_backend(quantize: str | None = None) -> Backend:
+def onnxruntime_backend(quantize: str | None = None, reparameterize: bool = True) -> Backend:
     """Export each model once (per input size) and time ``OrtSegmenter.logits`` on ``x``."""
     from scsonet.export import export_onnx
     from scsonet.inference import sample_images
@@ -68,7 +74,8 @@ def onnxruntime_backend(quantize: str | None = None) -> Backend:
             loaded = LoadedModel(model, SegmentationPreset(tuple(x.shape[2:])), type(model).__name__, "random init")
             path = os.path.join(folder.name, f"{id(model)}_{len(segmenters)}.onnx")
             try:
-                export_onnx(loaded, path, check=False, quantize=quantize, calibration_images=sample_images())
+                export_onnx(loaded, path, check=False, quantize=quantize, calibration_images=sample_images(),
+                            reparameterize=reparameterize)
                 segmenters[key] = OrtSegmenter(path, threads=torch.get_num_threads())
             except Exception as err:  # a peer model the exporter cannot handle: leave its cells empty
                 print(f"note: {type(model).__name__}: no ONNX Runtime figure ({type(err).__name__}: {err})",
@@ -84,26 +91,29 @@ def onnxruntime_backend(quantize: str | None = None) -> Backend:
 BACKENDS: dict[str, Callable[[], Backend]] = {
     "torch": lambda: torch_eager,
     "onnxruntime": onnxruntime_backend,
+    "onnxruntime-plain": lambda: onnxruntime_backend(reparameterize=False),
     "onnxruntime-int8": lambda: onnxruntime_backend("int8"),
 }
 
 
-def interleaved_timings(runners: dict[Hashable, Runner], warmup: int, repeats: int) -> dict[Hashable, list[float]]:
-    """Wall-clock seconds of ``repeats`` calls of each runner, timing them in turn, one call a round."""
+def interleaved_timings(runners: dict[Hashable, Runner], warmup: int, repeats: int,
+                        clock: Callable[[], float] = time.perf_counter) -> dict[Hashable, list[float]]:
+    """Seconds (by ``clock``) of ``repeats`` calls of each runner, timing them in turn, one call a round."""
     for run in runners.values():
         for _ in range(warmup):
             run()
     times: dict[Hashable, list[float]] = {key: [] for key in runners}
     for _ in range(repeats):
         for key, run in runners.items():
-            start = time.perf_counter()
+            start = clock()
             run()
-            times[key].append(time.perf_counter() - start)
+            times[key].append(clock() - start)
     return times
 
 
 def latency_table(
-    names: list[str], backends: dict[str, Backend], size: int, warmup: int, repeats: int, stat: str = "median"
+    names: list[str], backends: dict[str, Backend], size: int, warmup: int, repeats: int, stat: str = "median",
+    clock: str = "wall",
 ) -> list[dict]:
     """One row per model: parameters, then per backend ms/image at batch 1 and images/s at batch 8."""
     torch.manual_seed(0)
@@ -118,7 +128,8 @@ def latency_table(
     seconds = {}
     for backend in backends:
         mine = {key: run for key, run in runners.items() if key[1] == backend and run is not None}
-        seconds.update((key, STATS[stat](t)) for key, t in interleaved_timings(mine, warmup, repeats).items())
+        timings = interleaved_timings(mine, warmup, repeats, CLOCKS[clock])
+        seconds.update((key, STATS[stat](t)) for key, t in timings.items())
     rows = []
     for name, model in models.items():
         row = {"model": name, "params": count_params(model)}
@@ -150,6 +161,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=int, default=3, help="untimed calls before timing (3)")
     p.add_argument("--repeats", type=int, default=10, help="timed calls per model and batch size (10)")
     p.add_argument("--stat", choices=sorted(STATS), default="median", help="statistic of the timed calls (median)")
+    p.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                   help="wall time, or CPU time of the process (steadier on a busy machine with --threads 1) (wall)")
     p.add_argument("--backends", default=",".join(BACKENDS), help=f"comma-separated, of {', '.join(BACKENDS)} (all)")
     args = p.parse_args(argv)
     names = [n for n in args.models.split(",") if n] or list_models()
@@ -160,9 +173,11 @@ def main(argv: list[str] | None = None) -> None:
     if unknown := sorted(set(chosen) - set(BACKENDS)):
         p.error(f"unknown backends {unknown}; choose from {', '.join(BACKENDS)}")
     torch.set_num_threads(args.threads)
-    rows = latency_table(names, {b: BACKENDS[b]() for b in chosen}, args.size, args.warmup, args.repeats, args.stat)
+    rows = latency_table(names, {b: BACKENDS[b]() for b in chosen}, args.size, args.warmup, args.repeats, args.stat,
+                         args.clock)
     load = os.getloadavg()[0]  # other work on the machine inflates every figure: report it
-    print(f"CPU latency at {args.size}x{args.size}, {args.threads} threads, {args.stat} of {args.repeats} after "
+    print(f"CPU latency ({args.clock} clock) at {args.size}x{args.size}, {args.threads} threads, {args.stat} of "
+          f"{args.repeats} after "
           f"{args.warmup} warm-up calls; torch {torch.__version__}, {platform.machine()}, "
           f"{os.cpu_count()} CPUs, load average {load:.1f} at the end\n")
     print(format_markdown(rows))

@@ -2,28 +2,29 @@
 
 ``reparameterize(model)`` returns a new inference module (``model`` is left untouched) whose every
 change is an identity of real numbers, so it computes the same logits: in float64 the two agree
-to ~1e-15, in float32 they differ by rounding only. Exported to ONNX (``scsonet export`` does so
-by default), the lean graph is what makes ONNX Runtime fast on the CPU at batch 1:
+to ~1e-13, in float32 they differ by rounding only (and the SRU gate, tested exactly, flips less
+often). ``scsonet export`` exports this twin by default; ONNX Runtime runs it ~1.2x faster than
+the model's own graph at batch 1 (``benchmarks/cpu_latency.py``):
 
 - Encoder stages: GroupNorm's per-channel affine map is monotone, so the 2x2 max-pool commutes
   with it (a min-pool where gamma < 0): normalise, pool, then scale and shift a 4x smaller map.
-  The first stage's conv runs as one stride-2 conv whose output channels are the four pixels of
-  each pooling window, so the pool is a max over 4 adjacent channels (``_phase_conv``).
-- Bridge: the shared 2->1 dilated 7x7 conv runs as a 1 x 7 conv to 7 channels, one per kernel
-  row, whose row-shifted slices are summed (ONNX Runtime's im2col conv is slow with 1 output
-  channel); the channel mean is a matrix product, its 1/C folded into the kernel; t * a + t is
-  t * (1 + a); CAB's Conv1d and its per-stage linears are one matrix.
+- Bridge: on the large maps the shared 2->1 dilated 7x7 conv runs as a 1 x 7 conv to 7 channels,
+  one per kernel row, whose row-shifted slices are summed (ONNX Runtime's conv is slow with one
+  output channel); the channel mean is a 1x1 conv, its 1/C in the kernel; t * a + t is
+  t * (1 + a); CAB's Conv1d and its per-stage linears are one matrix. The first stage's bridge
+  output meets only the 1x1 head, which is linear: it is applied to it without forming it.
 - ODConv: BatchNorm folded into the squeeze, the attention heads into one matrix, and all
   attention into the per-sample kernel.
-- SRU: sigmoid(v) > t is tested as v > logit(t), w_gamma is folded into the norm, and the gated
-  cross-add needs one product and two selections.
+- SRU: sigmoid(v) > t is tested as v > logit(t), w_gamma is folded into the norm, the gates are
+  0/1 multipliers, and the cross-add needs one half-size sum.
 - CRU: both squeezes in one 1x1 conv, the group conv and its 1x1 partner in one conv, the
   passed-through channels as an identity block.
 - EMA: a per-channel norm's output averages to its shift beta, so one of the two softmaxes is a
   constant and its weighted sum of the 3x3 branch one more output channel of that conv; the
   per-channel norm is a single InstanceNormalization; the 1x1 branch needs no transposes.
-- 1x1 convolutions are matrix products (ONNX Runtime's MatMul is several times faster than its
-  Conv on these thin layers), and padding and cropping are skipped when the sides need none.
+- Decoder: bilinear upsampling of small maps as two matrix products (faster than ONNX Runtime's
+  Resize there, and exact where Resize rounds its sampling positions); padding and cropping are
+  skipped when the input needs none.
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .layers import CRU, EMA, SRU, ODConv2d, SCAttentionBridge
-from .layers.odconv import _scripted_per_sample_conv, per_sample_conv
+from .layers.odconv import per_sample_conv
 from .models.scsonet import SCSONet, _DecoderStage, _EncoderStage, _run_stages
 
 __all__ = ["LeanSCSONet", "is_reparameterizable", "reparameterize"]
@@ -65,10 +66,10 @@ def _frozen_conv(weight: torch.Tensor, bias: Optional[torch.Tensor], like: torch
 class LeanSRU(nn.Module):
     """``SRU`` re-expressed: gate on v > logit(t), w_gamma folded into the norm's affine map.
 
-    With p = x where informative else 0 and q = 0 there else w * x, the soft gate's cross-add
-    [x11 + x22, x12 + x21] is p + [s, s] with s = q1 + q2 (the halves of q), bit for bit:
-    wherever one of two summands is 0 the sums are the same. The hard gate: [p1 + q2, p2 + q1]
-    with q = x where not informative.
+    With kept = x where informative else 0 and rest = 0 there else w * x, the soft gate's
+    cross-add [x11 + x22, x12 + x21] is kept + [s, s] with s = rest1 + rest2 (the halves of
+    rest), bit for bit: wherever one of two summands is 0 the sums are the same. The hard gate:
+    [kept1 + rest2, kept2 + rest1] with rest = x where not informative.
     """
 
     def __init__(self, sru: SRU):
@@ -159,8 +160,8 @@ class LeanEMA(nn.Module):
         att_w = torch.sigmoid(self.pool_mix(g.mean(dim=2, keepdim=True)))  # (bg, gc, 1, w)
         x1 = F.instance_norm(g * att_h * att_w, weight=self.norm_weight, bias=self.norm_bias, eps=self.eps)
         x2, q1_x2 = self.conv3x3(g).split([c // self.groups, 1], dim=1)
-        q2 = torch.softmax(F.adaptive_avg_pool2d(x2, 1).flatten(1), dim=-1).unsqueeze(1)  # (bg, 1, gc)
-        weights = q1_x2 + torch.matmul(q2, x1.flatten(2)).reshape(b * self.groups, 1, h, w)
+        q2 = torch.softmax(F.adaptive_avg_pool2d(x2, 1), dim=1)  # (bg, gc, 1, 1)
+        weights = q1_x2 + (q2 * x1).sum(dim=1, keepdim=True)
         return (g * torch.sigmoid(weights)).reshape(b, c, h, w)
 
 
@@ -169,9 +170,10 @@ def _scripted(fn: Callable) -> Callable:
     return torch.jit.script(fn)
 
 
-def _per_sample_conv(*args):
-    """``per_sample_conv``, scripted while tracing so its batch-1 branch survives export as an ``If``."""
-    return (_scripted_per_sample_conv() if torch.jit.is_tracing() else per_sample_conv)(*args)
+def _traceable(fn: Callable) -> Callable:
+    """``fn`` as is, or scripted while tracing: its tests of sizes then survive export as ``If``
+    nodes, which ONNX Runtime folds away once a session pins the input size."""
+    return _scripted(fn) if torch.jit.is_tracing() else fn
 
 
 class LeanODConv(nn.Module):
@@ -203,7 +205,8 @@ class LeanODConv(nn.Module):
         if len(self.sizes) == 4:
             weight = weight * torch.softmax(heads[:, n_sig:], dim=1).view(b, -1, 1, 1, 1, 1)
         weight = weight.sum(dim=1) * filt.view(b, self.out_chs, 1, 1, 1) * channel.view(b, 1, self.in_chs, 1, 1)
-        return _per_sample_conv(x, weight, self.stride, self.padding, self.dilation)
+        # a plain conv at batch 1, also in the exported graph
+        return _traceable(per_sample_conv)(x, weight, self.stride, self.padding, self.dilation)
 
 
 class PoolFirstStage(nn.Module):
@@ -279,6 +282,8 @@ class LeanBridge(nn.Module):
             kernel = torch.cat([w[:, :1] / c, w[:, 1:]], dim=1)
             _buffer(self, f"kernel{i}", kernel.permute(2, 1, 0, 3) if i < row_split_levels else kernel, like)
         _buffer(self, "sab_bias", _f64(conv.bias), like)
+        # the row-split conv adds the bias once, with its first row
+        _buffer(self, "row_bias", torch.cat([_f64(conv.bias), torch.zeros(k - 1, dtype=torch.float64)]), like)
         mix, fcs = bridge.cab.mix, bridge.cab.fcs
         total, taps = sum(channels), mix.kernel_size[0]
         band = torch.zeros(total, total, dtype=torch.float64)  # the Conv1d over the pooled vector as a matrix
@@ -296,21 +301,53 @@ class LeanBridge(nn.Module):
         desc, kernel = torch.cat([total, peak], dim=1), getattr(self, f"kernel{level}")
         if level >= self.row_split_levels:
             return torch.sigmoid(F.conv2d(desc, kernel, self.sab_bias, padding=self.pad, dilation=self.dilation))
-        rows = F.conv2d(desc, kernel, None, padding=self.pad, dilation=(1, self.dilation))  # (B, k, H + 2 pad, W)
+        rows = F.conv2d(desc, kernel, self.row_bias, padding=self.pad, dilation=(1, self.dilation))  # (B, k, H + 2 pad, W)
         stride = h + 2 * self.pad + self.dilation  # from one kernel row's slice to the next, once stacked
         rows = rows.reshape(b, 1, -1, w)
         logits = _Sum.apply(*[rows[:, :, i * stride:i * stride + h] for i in range(self.rows)])
-        return torch.sigmoid(logits + self.sab_bias)
+        return torch.sigmoid(logits)
+
+    def attend(self, feats: Sequence[torch.Tensor], lazy_first: bool = False):
+        """Per stage the spatial attention a, s = t * (1 + a) and CAB's gains (B, C, 1, 1).
+
+        With ``lazy_first`` the first stage's s is not formed (None): its channel means come from a
+        matrix product of t with 1 + a, for a consumer that needs s only under a linear map
+        (see ``project``).
+        """
+        attention = [self.spatial_attention(t, i) for i, t in enumerate(feats)]
+        spatial = [None if lazy_first and i == 0 else t * (1 + a) for i, (t, a) in enumerate(zip(feats, attention))]
+        pooled = []
+        for t, a, s in zip(feats, attention, spatial):
+            if s is None:
+                b, c, h, w = t.shape
+                pooled.append(torch.matmul(t.flatten(2), (1 + a).flatten(1).unsqueeze(2)).flatten(1) / (h * w))
+            else:
+                pooled.append(F.adaptive_avg_pool2d(s, 1).flatten(1))
+        gains = torch.sigmoid(F.linear(torch.cat(pooled, dim=1), self.cab_weight, self.cab_bias))
+        return attention, spatial, [g[:, :, None, None] for g in gains.split(self.channels, dim=1)]
+
+    def merge(self, t: torch.Tensor, a: torch.Tensor, s: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
+        """A stage's bridge output: CAB's s * gain plus its residual, s or t * a."""
+        return s * (1 + gain) if self.residual == "sab" else s * gain + t * a
+
+    def project(self, t: torch.Tensor, a: torch.Tensor, gain: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """``weight`` (K, C) applied over the channels of a stage's bridge output, without forming
+        it: (1 + a) * ((weight * (1 + gain)) @ t) for the 'sab' residual, as a is per pixel and
+        the gain per channel; (1 + a) * ((weight * gain) @ t) + a * (weight @ t) for 'attended'."""
+        b, _, h, w = t.shape
+        flat = t.flatten(2)
+
+        def mix(scale: Optional[torch.Tensor]) -> torch.Tensor:
+            mixing = weight if scale is None else weight * scale.flatten(1).unsqueeze(1)  # (B, K, C)
+            return torch.matmul(mixing, flat).reshape(b, -1, h, w)
+
+        if self.residual == "sab":
+            return (1 + a) * mix(1 + gain)
+        return (1 + a) * mix(gain) + a * mix(None)
 
     def forward(self, feats: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        attention = [self.spatial_attention(t, i) for i, t in enumerate(feats)]
-        spatial = [t * (1 + a) for t, a in zip(feats, attention)]
-        pooled = torch.cat([F.adaptive_avg_pool2d(s, 1).flatten(1) for s in spatial], dim=1)
-        gains = torch.sigmoid(F.linear(pooled, self.cab_weight, self.cab_bias)).split(self.channels, dim=1)
-        gains = [g[:, :, None, None] for g in gains]
-        if self.residual == "sab":
-            return [s * (1 + g) for s, g in zip(spatial, gains)]
-        return [s * g + t * a for s, g, t, a in zip(spatial, gains, feats, attention)]
+        attention, spatial, gains = self.attend(feats)
+        return [self.merge(*args) for args in zip(feats, attention, spatial, gains)]
 
 
 _LEAN_LAYERS: dict[type, Callable[[nn.Module], nn.Module]] = {
@@ -383,12 +420,6 @@ def _crop_to(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return x[:, :, :like.size(2), :like.size(3)]
 
 
-def _traceable(fn: Callable) -> Callable:
-    """``fn`` as is, or scripted while tracing: its size test then survives export as an ``If``,
-    which ONNX Runtime folds away once a session pins the input size."""
-    return _scripted(fn) if torch.jit.is_tracing() else fn
-
-
 class LeanSCSONet(nn.Module):
     """The output of ``reparameterize`` for an ``SCSONet``: same forward signature and logits."""
 
@@ -414,10 +445,15 @@ class LeanSCSONet(nn.Module):
         size = x[:, :0]
         x = _traceable(_pad_to_multiple)(x, self.pad_multiple)
         feats = _run_stages(self.encoder, x)
+        attention, spatial, gains = self.bridge.attend(feats[:-1], lazy_first=True)
         x = feats[-1]
-        for stage, skip in zip(self.decoder, reversed(self.bridge(feats[:-1]))):
-            x = stage(x, skip)
-        x = F.interpolate(self.segmentation_head(x), scale_factor=2.0, mode="bilinear", align_corners=True)
+        for level, stage in zip(range(len(self.decoder) - 1, 0, -1), self.decoder[:-1]):
+            x = stage(x, self.bridge.merge(feats[level], attention[level], spatial[level], gains[level]))
+        # The last stage's skip only meets the 1x1 head, which is linear: head(act(u) + skip) =
+        # head(act(u)) + weight @ skip, and weight @ skip is formed without forming the skip.
+        head = self.segmentation_head
+        x = head(self.decoder[-1](x)) + self.bridge.project(feats[0], attention[0], gains[0], head.weight[:, :, 0, 0])
+        x = F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=True)
         return _traceable(_crop_to)(x, size)
 
 
