@@ -19,8 +19,9 @@ from scsonet.onnx_runtime import read_metadata, session_options
 from scsonet.transforms import SegmentationPreset
 
 SHAPES = [(1, 256, 256), (3, 256, 256), (1, 250, 333), (3, 250, 333)]
-# the variants only widen coverage: one shape each (MALUNet's blocks are slow in float64)
-VARIANT_SHAPES = {"random-variant": [(3, 250, 333)], "malunet": [(2, 64, 96)]}
+# the variants only widen coverage: one shape each (MALUNet's blocks are slow in float64); 20 x 45
+# pads to 32 x 64, leaving 1 x 2 maps in the deepest stage
+VARIANT_SHAPES = {"random": SHAPES + [(2, 20, 45)], "random-variant": [(3, 250, 333)], "malunet": [(2, 64, 96)]}
 
 
 def randomized(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
