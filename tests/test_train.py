@@ -166,3 +166,17 @@ def test_two_process_gloo_run_trains_one_epoch(prepared, tmp_path):
     run_dir = tmp_path / "scsonet-honest-s42"
     assert torch.load(run_dir / "last.pt", weights_only=False)["epoch"] == 0
     assert (run_dir / "test" / "report.json").is_file()
+
+
+def test_deep_supervision_side_outputs_enter_the_loss(prepared, tmp_path, monkeypatch):
+    import scsonet.train as train_module
+
+    seen = []
+    real = train_module.deep_supervision_loss
+    monkeypatch.setattr(train_module, "deep_supervision_loss",
+                        lambda aux, y, crit: seen.append(len(aux)) or real(aux, y, crit))
+    train(_cfg(prepared, tmp_path, model="egeunet", epochs=1))
+    assert seen and all(n == 5 for n in seen)
+    seen.clear()
+    train(_cfg(prepared, tmp_path, epochs=1))  # scsonet has no side outputs
+    assert seen == []

@@ -35,6 +35,7 @@ from .evaluation import evaluate, write_report
 from .fast import optimizer_options, prepare_for_training
 from .losses import BceDiceLoss
 from .models import create_model
+from .models.egeunet import deep_supervision_loss
 
 PROTOCOLS = {
     # protocol: (splits fitted on, split that selects the checkpoint)
@@ -152,15 +153,15 @@ class _GraphedStep:
 
     warmup_steps = 3
 
-    def __init__(self, model, criterion, optimizer, x_like, y_like):
-        self.model, self.criterion, self.optimizer = model, criterion, optimizer
+    def __init__(self, compute_loss, optimizer, x_like, y_like):
+        self.compute_loss, self.optimizer = compute_loss, optimizer
         self.x, self.y = torch.empty_like(x_like), torch.empty_like(y_like)
         self.graph = None
         self.loss = None
         self.steps = 0
 
     def _step(self):
-        loss = self.criterion(self.model(self.x), self.y)
+        loss = self.compute_loss(self.x, self.y)
         loss.backward()
         self.optimizer.step()
         return loss
@@ -250,6 +251,12 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> Path:
                 if cfg.amp == "bf16" else contextlib.nullcontext)
     graphed = None
 
+    def compute_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        loss = criterion(model(x), y)
+        if getattr(raw_model, "aux_logits", None):  # deep supervision (EGE-UNet), training only
+            loss = loss + deep_supervision_loss(raw_model.aux_logits, y, criterion)
+        return loss
+
     def checkpoint(epoch: int) -> dict[str, Any]:
         return {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "model_name": cfg.model,
                 "model_args": cfg.model_args, "preprocessing": preprocessing, "epoch": epoch,
@@ -276,7 +283,7 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> Path:
                    disable=not (master and cfg.progress))
         for step, (x, y) in enumerate(bar):
             if use_graph:
-                graphed = graphed or _GraphedStep(model, criterion, optimizer, x, y)
+                graphed = graphed or _GraphedStep(compute_loss, optimizer, x, y)
                 try:
                     with autocast():
                         loss = graphed(x, y)
@@ -286,7 +293,7 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> Path:
                     torch.cuda.synchronize()
             if not use_graph:
                 with autocast():
-                    loss = criterion(model(x), y)
+                    loss = compute_loss(x, y)
                 loss.backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
