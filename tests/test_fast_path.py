@@ -17,6 +17,7 @@ from scsonet.layers.fast import (
     FastConv2d, FastMaxPool2d, FastODConv2d, FastSCAttentionBridge, FastSpatialAttentionBridge, FastSRU,
     PhaseConvNormPool, upsample2x_aligned,
 )
+from scsonet.layers.fast import _PhaseMax
 from scsonet.models import create_model, list_models
 
 
@@ -150,6 +151,23 @@ def test_fast_max_pool_routes_gradients_exactly_like_max_pool2d(kind):
     y_p, gx_p = pool_grads(nn.MaxPool2d(2), x, grad_y)
     assert torch.equal(y_f, y_p) if kind != "nan" else torch.equal(y_f.isnan(), y_p.isnan())
     assert torch.equal(gx_f, gx_p)  # first maximum in scan order takes all, as max_pool2d does
+
+
+@pytest.mark.parametrize("kind", ["ties", "nan"])
+def test_phase_max_routes_gradients_like_max_pool2d_on_the_interleaved_map(kind):
+    g = torch.Generator().manual_seed(0)
+    z = torch.randint(0, 3, (2, 3, 4, 5, 6), generator=g).double()  # (B, C, phase, h, w)
+    if kind == "nan":
+        z[0, 1, 2, 3, 4] = z[1, 0, 0, 0, 0] = float("nan")
+    grad_y = torch.randn(2, 3, 5, 6, generator=g, dtype=torch.float64)
+    zr = z.clone().requires_grad_()
+    y = _PhaseMax.apply(zr)
+    y.backward(grad_y)
+    full = F.pixel_shuffle(z.reshape(2, 12, 5, 6), 2).requires_grad_()  # phase 2i+j at (2p+i, 2q+j)
+    y_ref = F.max_pool2d(full, 2)
+    y_ref.backward(grad_y)
+    torch.testing.assert_close(y, y_ref, equal_nan=True, rtol=0, atol=0)
+    torch.testing.assert_close(zr.grad, F.pixel_unshuffle(full.grad, 2).view_as(z), rtol=0, atol=0)
 
 
 def test_phase_stage_matches_conv_norm_pool_act_with_ties():
