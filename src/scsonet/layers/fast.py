@@ -2,14 +2,21 @@
 
 On the CPU this network's thin layers hit slow kernels: oneDNN's input gradient for convolutions
 with a few output channels (the bridge's 2->1 dilated 7x7 conv) costs 10x its forward pass, tiny
-1x1 convolutions pay oneDNN's fixed cost per call, and ``max_pool2d`` over a channels-first map
-is 15x slower than an element-wise maximum. The modules here compute the same functions by
-faster routes (equal up to float rounding, gradients included) and run the plain ops whenever
-no gradient is recorded (evaluation, export).
+1x1 convolutions pay oneDNN's fixed cost per call, a 3-channel image conv is slow channels-first,
+``max_pool2d`` over a channels-first map is 15x slower than an element-wise maximum, and the
+bilinear upsampling's backward scatters one pixel at a time. The modules here compute the same
+functions by faster routes (equal up to float rounding, gradients included; SRU and the
+max-pools exactly) and run the plain ops whenever no gradient is recorded (evaluation, export):
+
+- ``FastConv2d``: 1x1 convs as GEMMs, thin convs' input gradient as a flipped forward conv;
+- ``FastMaxPool2d`` and ``PhaseConvNormPool`` (conv, GroupNorm, max-pool in a 2x2-phase layout);
+- ``upsample2x_aligned``: bilinear x2 with aligned corners from shifted slices, both ways;
+- ``FastODConv2d``, ``FastSRU``, ``FastSpatialAttentionBridge``, ``FastSCAttentionBridge``: the
+  same algebra regrouped into fewer or cheaper passes.
 
 Max-pool gradients follow ``max_pool2d``: all of a window's gradient goes to its first maximum in
 scan order. Ties are common (flat image regions give equal activations), so they are resolved
-exactly, not assumed away.
+exactly, not assumed away. ``scsonet.fast.prepare_for_training`` applies all of this to a model.
 """
 from __future__ import annotations
 
