@@ -320,7 +320,7 @@ class LeanBridge(nn.Module):
         pooled = []
         for t, a, s in zip(feats, attention, spatial):
             if s is None:
-                b, c, h, w = t.shape
+                h, w = t.shape[-2:]
                 pooled.append(torch.matmul(t.flatten(2), (1 + a).flatten(1).unsqueeze(2)).flatten(1) / (h * w))
             else:
                 pooled.append(F.adaptive_avg_pool2d(s, 1).flatten(1))
@@ -433,8 +433,7 @@ class LeanSCSONet(nn.Module):
             lean = _pool_first(stage) if isinstance(stage, _EncoderStage) else None
             stages.append(lean if lean is not None else _lean_block(stage))
         self.encoder = nn.ModuleList(stages)
-        self.bridge = (LeanBridge(model.bridge, [s.norm.num_channels for s in model.encoder[:-1]])
-                       if type(model.bridge) is SCAttentionBridge else _lean_block(model.bridge))
+        self.bridge = LeanBridge(model.bridge, model.embed_dims[:len(model.encoder) - 1])
         self.decoder = nn.ModuleList(LeanDecoderStage(s) if type(s) is _DecoderStage else _lean_block(s)
                                      for s in model.decoder)
         self.segmentation_head = _lean_block(model.segmentation_head)
