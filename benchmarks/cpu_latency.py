@@ -5,11 +5,13 @@ batch 8, on a square input (256), with a fixed number of threads (2). Prints a M
     .venv/bin/python benchmarks/cpu_latency.py --models scsonet,egeunet --repeats 30
 
 Each figure is the median (``--stat min``: the fastest) of ``--repeats`` timed calls after
-``--warmup`` untimed ones, in eval mode under ``torch.inference_mode``. Within a backend the timed
-calls go round-robin over all models and batch sizes, so a burst of other work on the machine
+``--warmup`` untimed ones, in eval mode under ``torch.inference_mode``. Within a backend and batch
+size the timed calls go round-robin over all models, so a burst of other work on the machine
 slows every model alike instead of one of them; on a busy machine the minimum is the steadier
-figure. Backends are timed one after another, not interleaved: ONNX Runtime's worker threads
-spin for a while after each run and would take the cores from a torch run that follows.
+figure. Backends and batch sizes are timed one after another, not interleaved: ONNX Runtime's
+worker threads spin for a while after each run and would take the cores from a run that
+follows (each batch size has its own session), and a batch-8 call evicts the caches a batch-1
+call in a stream of single images would find warm.
 
 A backend is a function ``(model, x) -> runner``, the runner a zero-argument callable that does
 one forward pass on ``x`` (or None where the backend cannot run that model). ``onnxruntime``
@@ -127,9 +129,10 @@ def latency_table(
     }
     seconds = {}
     for backend in backends:
-        mine = {key: run for key, run in runners.items() if key[1] == backend and run is not None}
-        timings = interleaved_timings(mine, warmup, repeats, CLOCKS[clock])
-        seconds.update((key, STATS[stat](t)) for key, t in timings.items())
+        for b in BATCH_SIZES:
+            mine = {key: run for key, run in runners.items() if key[1:] == (backend, b) and run is not None}
+            timings = interleaved_timings(mine, warmup, repeats, CLOCKS[clock])
+            seconds.update((key, STATS[stat](t)) for key, t in timings.items())
     rows = []
     for name, model in models.items():
         row = {"model": name, "params": count_params(model)}
