@@ -38,7 +38,7 @@ def render(text: str) -> str:
     def fill(match: re.Match) -> str:
         begin, kind, arg, _, end = match.groups()
         body = _scsonet_output(arg) if kind == "GENERATED" else (ROOT / arg).read_text().strip()
-        if not body.startswith("|"):
+        if kind == "GENERATED" and not body.startswith("|"):
             body = f"```text\n{body}\n```"
         return f"{begin}{body}\n{end}"
 
