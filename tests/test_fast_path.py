@@ -203,14 +203,7 @@ def test_fast_conv_matches_conv2d(conv):
     fast.__class__ = FastConv2d
     x = torch.randn(2, 32, 40, conv.in_channels).permute(0, 3, 1, 2)  # channels-last strides, as after a permute
     grad_y = torch.randn(2, conv.out_channels, 32, 40)
-    results = []
-    for module in (conv, fast):
-        xr = x.clone().requires_grad_()
-        y = module(xr)
-        y.backward(grad_y)
-        results.append([y, xr.grad] + [p.grad for p in module.parameters()])
-    for got, want in zip(results[1], results[0]):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    _assert_same_forward_and_backward(conv, fast, x, grad_y, tol=1e-4)
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 16, 20), (1, 1, 17, 33)])
@@ -233,14 +226,7 @@ def test_fast_odconv_folds_attentions_into_the_same_function(kernel_num):
     fast.__class__ = FastODConv2d
     x = torch.randn(3, 4, 10, 12, dtype=torch.float64)
     grad_y = torch.randn(3, 6, 10, 12, dtype=torch.float64)
-    results = []
-    for module in (conv, fast):
-        xr = x.clone().requires_grad_()
-        y = module(xr)
-        y.backward(grad_y)
-        results.append([y, xr.grad] + [p.grad for p in module.parameters()])
-    for got, want in zip(results[1], results[0]):
-        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    _assert_same_forward_and_backward(conv, fast, x, grad_y, tol=1e-10)
 
 
 def test_fast_sru_gates_exactly_like_sru():
@@ -293,3 +279,15 @@ def test_optimizer_options_give_the_same_adamw_update():
 
 def test_runtime_env_is_strings_for_a_child_process():
     assert all(isinstance(k, str) and isinstance(v, str) for k, v in RUNTIME_ENV.items())
+
+
+def _assert_same_forward_and_backward(plain, fast, x, grad_y, tol):
+    """Output, input gradient and parameter gradients of ``fast`` equal those of ``plain``."""
+    results = []
+    for module in (plain, fast):
+        xr = x.clone().requires_grad_()
+        y = module(xr)
+        y.backward(grad_y)
+        results.append([y, xr.grad] + [p.grad for p in module.parameters()])
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol)
