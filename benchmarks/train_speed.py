@@ -1,14 +1,16 @@
 """Training speed on the CPU: images per second of a full step (forward, backward, AdamW step) of
-SCSONet run plainly (eager, float32, channels-first, no compilation) and on the fast path of
-``scsonet.fast``, measured in the same run. Prints a Markdown table.
+SCSONet run plainly (eager, float32, channels-first, no compilation) and on the fast path that
+``scsonet train`` takes (``scsonet.fast`` re-expressions and fused AdamW, the batch split among
+one single-threaded process per thread by ``scsonet.parallel``), measured in the same run.
+Prints a Markdown table.
 
     .venv/bin/python benchmarks/train_speed.py
     .venv/bin/python benchmarks/train_speed.py --threads 2 --batch-size 8 --size 256 --rounds 8
 
 Each row runs in its own worker process, because part of the fast path is process-wide (the
 memory allocator; OpenMP's spin count, which must be set before torch loads): the plain row is
-what a user gets without any of it. The middle row applies only those process settings to
-the plain model, to show what the model re-expressions add. The workers take turns, a few
+what a user gets without any of it. The middle rows add the process settings, then the model
+re-expressions (in one process with all the threads), to show what each part adds. The workers take turns, a few
 steps each per round in alternating order, so that load from other jobs on the machine falls on
 all rows alike. Each row reports its median step and its best step (the best is the closer
 guess for a machine without other jobs). All rows start from the same weights; the last column
@@ -29,12 +31,14 @@ import torch
 from scsonet.fast import RUNTIME_ENV, optimizer_options, prepare_for_training, prepare_input, tune_cpu_allocator
 from scsonet.losses import BceDiceLoss
 from scsonet.models import create_model
+from scsonet.parallel import ModelLoss, SplitBatchStep
 
 # label -> (setup of the worker, its extra environment); the first row is the baseline
 ROWS: dict[str, tuple[str, dict[str, str]]] = {
     "plain (eager, float32, channels-first)": ("plain", {}),
     "plain + process settings": ("settings", RUNTIME_ENV),
-    "fast (scsonet.fast)": ("fast", RUNTIME_ENV),
+    "+ re-expressions, fused AdamW (one process)": ("fast", RUNTIME_ENV),
+    "fast: + batch split over one-thread processes": ("split", RUNTIME_ENV),
 }
 
 
@@ -43,23 +47,28 @@ def _worker(conn: Connection, setup: str, model_name: str, threads: int, batch_s
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = create_model(model_name).train()
+    fast = setup in ("fast", "split")
     if setup == "settings":
         tune_cpu_allocator()
-    elif setup == "fast":
+    elif fast:
         model = prepare_for_training(model, "cpu")
-    options = optimizer_options("cpu") if setup == "fast" else {}
+    options = optimizer_options("cpu") if fast else {}
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-2, **options)
-    criterion = BceDiceLoss()
+    loss_fn = ModelLoss(BceDiceLoss())
     g = torch.Generator().manual_seed(1)
     images = torch.randn(batch_size, 3, size, size, generator=g)
     masks = (torch.rand(batch_size, 1, size, size, generator=g) > 0.5).float()
-    if setup == "fast":
+    if fast:
         images = prepare_input(images)
     conn.send(model(images).detach())  # with autograd on, as in training
+    split = SplitBatchStep(model, loss_fn, min(threads, batch_size)) if setup == "split" and threads > 1 else None
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        criterion(model(images), masks).backward()
+        if split is not None:
+            split(images, masks)
+        else:
+            loss_fn(model, images, masks).backward()
         optimizer.step()
 
     while steps := conn.recv():
@@ -69,6 +78,8 @@ def _worker(conn: Connection, setup: str, model_name: str, threads: int, batch_s
             step()
             times.append(time.perf_counter() - start)
         conn.send(times)
+    if split is not None:
+        split.close()
 
 
 def measure(
@@ -82,7 +93,8 @@ def measure(
         parent, child = ctx.Pipe()
         saved = dict(os.environ)
         os.environ.update({k: v for k, v in env.items() if k not in saved})  # the user's settings win
-        proc = ctx.Process(target=_worker, args=(child, setup, model_name, threads, batch_size, size), daemon=True)
+        # not a daemon: the split row starts processes of its own
+        proc = ctx.Process(target=_worker, args=(child, setup, model_name, threads, batch_size, size))
         proc.start()  # the child copies the environment now
         os.environ.clear()
         os.environ.update(saved)

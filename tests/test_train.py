@@ -60,8 +60,9 @@ def test_run_writes_its_directory(prepared, tmp_path):
         train(_cfg(prepared, tmp_path))
 
 
-def test_resume_after_interruption_matches_uninterrupted_run(prepared, tmp_path, monkeypatch):
-    whole = train(_cfg(prepared, tmp_path / "whole", epochs=3))
+@pytest.mark.parametrize("processes", [1, 2])
+def test_resume_after_interruption_matches_uninterrupted_run(prepared, tmp_path, monkeypatch, processes):
+    whole = train(_cfg(prepared, tmp_path / "whole", epochs=3, processes=processes))
 
     import scsonet.train as train_module
 
@@ -76,7 +77,7 @@ def test_resume_after_interruption_matches_uninterrupted_run(prepared, tmp_path,
 
     monkeypatch.setattr(train_module, "evaluate", evaluate_then_die)
     with pytest.raises(KeyboardInterrupt):
-        train(_cfg(prepared, tmp_path / "cut", epochs=3))
+        train(_cfg(prepared, tmp_path / "cut", epochs=3, processes=processes))
     monkeypatch.setattr(train_module, "evaluate", real_evaluate)
     cut = Path(tmp_path / "cut" / "scsonet-honest-s42")
     assert torch.load(cut / "last.pt", weights_only=False)["epoch"] == 1
@@ -115,7 +116,7 @@ def test_non_finite_loss_stops_cleanly_and_keeps_last_good_checkpoint(prepared, 
 
     monkeypatch.setattr(train_module, "BceDiceLoss", NanAfterFirstEpoch)
     with pytest.raises(train_module.NonFiniteLoss, match="last good checkpoint"):
-        train(_cfg(prepared, tmp_path, epochs=3))
+        train(_cfg(prepared, tmp_path, epochs=3, processes=1))  # the counting loss stays in this process
     last = torch.load(tmp_path / "scsonet-honest-s42" / "last.pt", weights_only=False)
     assert last["epoch"] == 0
     assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
@@ -175,8 +176,8 @@ def test_deep_supervision_side_outputs_enter_the_loss(prepared, tmp_path, monkey
     real = train_module.deep_supervision_loss
     monkeypatch.setattr(train_module, "deep_supervision_loss",
                         lambda aux, y, crit: seen.append(len(aux)) or real(aux, y, crit))
-    train(_cfg(prepared, tmp_path, model="egeunet", epochs=1))
+    train(_cfg(prepared, tmp_path, model="egeunet", epochs=1, processes=1))  # the spy stays in this process
     assert seen and all(n == 5 for n in seen)
     seen.clear()
-    train(_cfg(prepared, tmp_path, epochs=1))  # scsonet has no side outputs
+    train(_cfg(prepared, tmp_path, epochs=1, processes=1))  # scsonet has no side outputs
     assert seen == []

@@ -36,6 +36,7 @@ from .fast import optimizer_options, prepare_for_training
 from .losses import BceDiceLoss
 from .models import create_model
 from .models.egeunet import deep_supervision_loss
+from .parallel import ModelLoss, SplitBatchStep
 
 PROTOCOLS = {
     # protocol: (splits fitted on, split that selects the checkpoint)
@@ -69,6 +70,7 @@ class TrainConfig:
     cuda_graph: bool = True  # capture the whole training step as a CUDA graph (single CUDA process)
     fast: bool = True  # CPU: exact re-expressions of slow blocks and fused AdamW (scsonet.fast)
     threads: int = 0  # CPU threads for torch (0 = torch's default)
+    processes: int = 0  # CPU: split each batch among this many one-thread processes (0 = one per thread; 1 = off)
     out_dir: str = "runs"  # run directories are created here
     run_name: str = ""  # default: <model>-<protocol>-s<seed>
     tensorboard: bool = True  # log to TensorBoard when it is installed
@@ -110,6 +112,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         raise ScsonetError(f"config protocol={cfg.protocol!r}: choose from {', '.join(PROTOCOLS)}")
     if cfg.amp not in ("bf16", "off"):
         raise ScsonetError(f"config amp={cfg.amp!r}: choose from off, bf16")
+    if cfg.processes < 0:
+        raise ScsonetError(f"config processes={cfg.processes}: expected 0 (automatic), 1 (off) or more")
     return cfg
 
 
@@ -133,6 +137,19 @@ def _setup_distributed(cfg: TrainConfig):
     if use_cuda:
         torch.cuda.set_device(device)
     return rank, world_size, device
+
+
+def _split_processes(cfg: TrainConfig, device: torch.device, world_size: int) -> int:
+    """Processes to split each batch among: one per CPU thread by default, on the fast CPU path.
+
+    One single-threaded process per core beats one process with a thread per core for this
+    small network (``scsonet.parallel``); torchrun runs, GPUs and autocast keep one process.
+    """
+    if device.type != "cpu" or world_size > 1 or cfg.amp != "off":
+        return 1
+    if cfg.processes:
+        return min(cfg.processes, cfg.batch_size)
+    return min(torch.get_num_threads(), cfg.batch_size) if cfg.fast else 1
 
 
 def _write_log(path: Path, history: list[dict[str, Any]]) -> None:
@@ -251,11 +268,13 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> Path:
                 if cfg.amp == "bf16" else contextlib.nullcontext)
     graphed = None
 
+    model_loss = ModelLoss(criterion, deep_supervision_loss)  # deep supervision when the model has side outputs
+
     def compute_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        loss = criterion(model(x), y)
-        if getattr(raw_model, "aux_logits", None):  # deep supervision (EGE-UNet), training only
-            loss = loss + deep_supervision_loss(raw_model.aux_logits, y, criterion)
-        return loss
+        return model_loss(model, x, y)
+
+    processes = _split_processes(cfg, device, world_size)
+    split_step = SplitBatchStep(raw_model, model_loss, processes) if processes > 1 else None
 
     def checkpoint(epoch: int) -> dict[str, Any]:
         return {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "model_name": cfg.model,
@@ -267,77 +286,85 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> Path:
     started = time.time()
     from tqdm import tqdm
 
-    for epoch in range(start_epoch, cfg.epochs):
-        # -- one epoch over the fitting data
-        t0 = time.time()
-        lr = get_lr(epoch, cfg)
-        for group in optimizer.param_groups:
-            if torch.is_tensor(group["lr"]):
-                group["lr"].fill_(lr)
-            else:
-                group["lr"] = lr
-        loader.set_epoch(epoch)
-        model.train()
-        total_loss = torch.zeros((), device=device)
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False,
-                   disable=not (master and cfg.progress))
-        for step, (x, y) in enumerate(bar):
-            if use_graph:
-                graphed = graphed or _GraphedStep(compute_loss, optimizer, x, y)
-                try:
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            # -- one epoch over the fitting data
+            t0 = time.time()
+            lr = get_lr(epoch, cfg)
+            for group in optimizer.param_groups:
+                if torch.is_tensor(group["lr"]):
+                    group["lr"].fill_(lr)
+                else:
+                    group["lr"] = lr
+            loader.set_epoch(epoch)
+            model.train()
+            total_loss = torch.zeros((), device=device)
+            bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False,
+                       disable=not (master and cfg.progress))
+            for step, (x, y) in enumerate(bar):
+                if use_graph:
+                    graphed = graphed or _GraphedStep(compute_loss, optimizer, x, y)
+                    try:
+                        with autocast():
+                            loss = graphed(x, y)
+                    except RuntimeError as err:  # capture unsupported here: train eagerly instead
+                        print(f"CUDA graph capture failed ({str(err).splitlines()[0]}); continuing eagerly", flush=True)
+                        use_graph = False
+                        torch.cuda.synchronize()
+                if split_step is not None:
+                    loss = split_step(x, y)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                elif not use_graph:
                     with autocast():
-                        loss = graphed(x, y)
-                except RuntimeError as err:  # capture unsupported here: train eagerly instead
-                    print(f"CUDA graph capture failed ({str(err).splitlines()[0]}); continuing eagerly", flush=True)
-                    use_graph = False
-                    torch.cuda.synchronize()
-            if not use_graph:
-                with autocast():
-                    loss = compute_loss(x, y)
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            total_loss += loss.detach()
-            if step % 20 == 0 or step == len(loader) - 1:
-                value = loss.item()
-                if not math.isfinite(value):
-                    raise NonFiniteLoss(f"loss became {value} at epoch {epoch + 1}, step {step + 1}; "
-                                        f"the last good checkpoint is {run_dir / 'last.pt'}")
-                bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}")
-        mean_loss = (total_loss / len(loader)).item()
-        if not math.isfinite(mean_loss):
-            raise NonFiniteLoss(f"loss became {mean_loss} in epoch {epoch + 1}; "
-                                f"the last good checkpoint is {run_dir / 'last.pt'}")
+                        loss = compute_loss(x, y)
+                    loss.backward()
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                total_loss += loss.detach()
+                if step % 20 == 0 or step == len(loader) - 1:
+                    value = loss.item()
+                    if not math.isfinite(value):
+                        raise NonFiniteLoss(f"loss became {value} at epoch {epoch + 1}, step {step + 1}; "
+                                            f"the last good checkpoint is {run_dir / 'last.pt'}")
+                    bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}")
+            mean_loss = (total_loss / len(loader)).item()
+            if not math.isfinite(mean_loss):
+                raise NonFiniteLoss(f"loss became {mean_loss} in epoch {epoch + 1}; "
+                                    f"the last good checkpoint is {run_dir / 'last.pt'}")
 
-        # -- selection on the selection split, checkpoints and log (master only)
-        if master:
-            row = {"epoch": epoch + 1, "lr": f"{lr:.6g}", "loss": f"{mean_loss:.6f}", "select_split": select_split,
-                   "select_dsc": "", "select_miou": "", "best_dsc": "", "seconds": ""}
-            if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
-                report, _ = evaluate(raw_model, select, (mean, std), batch_size=cfg.eval_batch_size,
-                                     device=device, hd95=False, split=select_split)
-                dsc, miou = report["pooled"]["dsc"], report["pooled"]["miou"]
-                row.update(select_dsc=f"{dsc:.6f}", select_miou=f"{miou:.6f}")
-                if dsc > best_dsc:
-                    best_dsc = dsc
-                    torch_save_atomic(checkpoint(epoch), run_dir / "best.pt")
-                if writer is not None:
-                    writer.add_scalar(f"{select_split}/dsc", dsc, epoch + 1)
-            row.update(best_dsc=f"{best_dsc:.6f}", seconds=f"{time.time() - t0:.1f}")
-            history.append(row)
-            torch_save_atomic(checkpoint(epoch), run_dir / "last.pt")
-            _write_log(run_dir / "log.csv", history)
-            if writer is not None:
-                writer.add_scalar("train/loss", mean_loss, epoch + 1)
-                writer.add_scalar("train/lr", lr, epoch + 1)
-            print(f"epoch {epoch + 1}/{cfg.epochs} loss {mean_loss:.4f} lr {lr:.2e} "
-                  f"{select_split} dsc {row['select_dsc'] or '-'} best {best_dsc:.4f} ({row['seconds']} s)", flush=True)
-        if world_size > 1:
-            dist.barrier()
-        if cfg.max_minutes and time.time() - started > cfg.max_minutes * 60 and epoch + 1 < cfg.epochs:
+            # -- selection on the selection split, checkpoints and log (master only)
             if master:
-                print(f"time budget of {cfg.max_minutes} min spent after epoch {epoch + 1}; stopping", flush=True)
-            break
+                row = {"epoch": epoch + 1, "lr": f"{lr:.6g}", "loss": f"{mean_loss:.6f}", "select_split": select_split,
+                       "select_dsc": "", "select_miou": "", "best_dsc": "", "seconds": ""}
+                if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+                    report, _ = evaluate(raw_model, select, (mean, std), batch_size=cfg.eval_batch_size,
+                                         device=device, hd95=False, split=select_split)
+                    dsc, miou = report["pooled"]["dsc"], report["pooled"]["miou"]
+                    row.update(select_dsc=f"{dsc:.6f}", select_miou=f"{miou:.6f}")
+                    if dsc > best_dsc:
+                        best_dsc = dsc
+                        torch_save_atomic(checkpoint(epoch), run_dir / "best.pt")
+                    if writer is not None:
+                        writer.add_scalar(f"{select_split}/dsc", dsc, epoch + 1)
+                row.update(best_dsc=f"{best_dsc:.6f}", seconds=f"{time.time() - t0:.1f}")
+                history.append(row)
+                torch_save_atomic(checkpoint(epoch), run_dir / "last.pt")
+                _write_log(run_dir / "log.csv", history)
+                if writer is not None:
+                    writer.add_scalar("train/loss", mean_loss, epoch + 1)
+                    writer.add_scalar("train/lr", lr, epoch + 1)
+                print(f"epoch {epoch + 1}/{cfg.epochs} loss {mean_loss:.4f} lr {lr:.2e} {select_split} "
+                      f"dsc {row['select_dsc'] or '-'} best {best_dsc:.4f} ({row['seconds']} s)", flush=True)
+            if world_size > 1:
+                dist.barrier()
+            if cfg.max_minutes and time.time() - started > cfg.max_minutes * 60 and epoch + 1 < cfg.epochs:
+                if master:
+                    print(f"time budget of {cfg.max_minutes} min spent after epoch {epoch + 1}; stopping", flush=True)
+                break
+    finally:
+        if split_step is not None:
+            split_step.close()
 
     # -- the test split, read once, with the selected checkpoint
     if master:
