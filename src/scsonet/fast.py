@@ -24,7 +24,7 @@ from .layers.fast import (
     FastConv2d, FastMaxPool2d, FastODConv2d, FastSCAttentionBridge, FastSpatialAttentionBridge, FastSRU,
     PhaseConvNormPool, upsample2x_aligned,
 )
-from .models.scsonet import _DecoderStage, _EncoderStage
+from .models.scsonet import SCSONet, _DecoderStage, _EncoderStage
 
 __all__ = ["RUNTIME_ENV", "optimizer_options", "prepare_for_training", "prepare_input", "tune_cpu_allocator"]
 
@@ -61,11 +61,13 @@ def _swap_class(module: nn.Module, cls: type[nn.Module]) -> None:
 class FastDecoderStage(_DecoderStage):
     """SCSONet's decoder stage with the fast bilinear x2 upsampling (``upsample2x_aligned``)."""
 
-    def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
-        x = self.norm(self.block(x))
-        if self.upsample:
-            x = upsample2x_aligned(x)
-        return self.act(x) if skip is None else self.act(x) + skip
+    upsample2x = staticmethod(upsample2x_aligned)
+
+
+class FastSCSONet(SCSONet):
+    """SCSONet whose head upsamples with ``upsample2x_aligned``."""
+
+    upsample2x = staticmethod(upsample2x_aligned)
 
 
 def _phase_stage(stage: nn.Module) -> PhaseConvNormPool | None:
@@ -100,6 +102,8 @@ def prepare_for_training(model: nn.Module, device: torch.device | str = "cpu") -
             _swap_class(module, FastMaxPool2d)
         elif type(module) is _DecoderStage:
             _swap_class(module, FastDecoderStage)
+        elif type(module) is SCSONet:
+            _swap_class(module, FastSCSONet)
         elif type(module) is ODConv2d:
             _swap_class(module, FastODConv2d)
         elif type(module) is SRU:

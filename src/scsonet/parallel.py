@@ -261,6 +261,14 @@ class SplitBatchStep:
         self._inputs: tuple[torch.Tensor, ...] | None = None
         self._finalizer = weakref.finalize(self, _stop, self._conns, self._procs)
 
+    def _views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """``flat`` cut into the shapes of the parameters, in order."""
+        views, offset = [], 0
+        for p in self.params:
+            views.append(flat[offset:offset + p.numel()].view_as(p))
+            offset += p.numel()
+        return views
+
     def _buffers_for(self, tensors: tuple[torch.Tensor, ...]) -> bool:
         """Make sure shared input buffers fit ``tensors``; True when new ones were made."""
         if self._inputs is not None and all(
@@ -316,14 +324,10 @@ class SplitBatchStep:
         finally:
             self._exchange.active = False
         self._wait()
-        grads = self._shared["grads"]
-        offset = 0
-        for p in self.params:
-            n = p.numel()
-            if p.grad is not None:
-                for row in grads:
-                    p.grad.add_(row[offset:offset + n].view_as(p))
-            offset += n
+        have_grad = [p.grad is not None for p in self.params]
+        grads = [p.grad for p in self.params if p.grad is not None]
+        for row in self._shared["grads"]:  # rank order: reproducible sums
+            torch._foreach_add_(grads, [v for v, has in zip(self._views(row), have_grad) if has])
         losses = self._shared["losses"]
         losses[0] = loss.detach()
         return losses.sum()
