@@ -23,11 +23,13 @@ import multiprocessing as mp
 import os
 import platform
 import statistics
+import sys
 import time
 from multiprocessing.connection import Connection
 
 import torch
 
+from scsonet._io import write_text_atomic
 from scsonet.fast import RUNTIME_ENV, optimizer_options, prepare_for_training, prepare_input, tune_cpu_allocator
 from scsonet.losses import BceDiceLoss
 from scsonet.models import create_model
@@ -143,16 +145,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per row (3)")
     p.add_argument("--rounds", type=int, default=6, help="turns per row (6)")
     p.add_argument("--steps", type=int, default=3, help="timed steps per turn (3)")
+    p.add_argument("--out", help="also write the command and its output to this Markdown file")
     args = p.parse_args(argv)
     times, diffs = measure(
         ROWS, args.model, args.threads, args.batch_size, args.size, args.warmup, args.rounds, args.steps
     )
-    print(
+    report = (
         f"{args.model} training step, batch {args.batch_size}, {args.size}x{args.size}, {args.threads} threads, "
-        f"torch {torch.__version__}, {platform.machine()}, {os.cpu_count()} CPUs; "
-        f"median of {args.rounds * args.steps} steps per row\n"
+        f"torch {torch.__version__}, {platform.machine()}, {os.cpu_count()} CPUs, "
+        f"load average {os.getloadavg()[0]:.1f} at the end; median of {args.rounds * args.steps} steps per row\n\n"
+        f"{format_table(times, diffs, args.batch_size)}\n"
     )
-    print(format_table(times, diffs, args.batch_size))
+    print(report, end="")
+    if args.out:
+        command = " ".join(["python benchmarks/train_speed.py", *(argv if argv is not None else sys.argv[1:])])
+        write_text_atomic(args.out, f"```\n$ {command}\n```\n\n{report}")
 
 
 if __name__ == "__main__":

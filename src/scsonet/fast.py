@@ -1,13 +1,14 @@
-"""The fast training path on the CPU: same model, same numbers, about twice the speed.
+"""The fast training path on the CPU: same model, same numbers, fewer milliseconds.
 
 ``prepare_for_training(model, device)`` is the switch. On the CPU it swaps the model's slow
 blocks for the exact re-expressions of ``scsonet.layers.fast`` (convolutions, max-pools, the
-first encoder stage, the decoder's upsampling, SCConv's gate, the bridge's channel maximum) and
-tunes the C allocator. Parameters stay the same objects and state-dict keys are untouched, so
-checkpoints move freely between plain and fast models; outputs and gradients agree with the
-plain model up to float rounding (``tests/test_fast_path.py``). Two more parts belong to the
-trainer: ``optimizer_options`` (fused AdamW) and ``RUNTIME_ENV`` (set before torch loads).
-``benchmarks/train_speed.py`` measures all of it against the plain model.
+first encoder stage, the decoder's and the head's upsampling, SCConv's gate, the bridge's
+channel maximum) and tunes the C allocator. Parameters stay the same objects and state-dict
+keys are untouched, so checkpoints move freely between plain and fast models; outputs and
+gradients agree with the plain model up to float rounding (``tests/test_fast_path.py``).
+More parts belong to the trainer: ``optimizer_options`` (fused AdamW), ``RUNTIME_ENV`` (set
+before torch loads) and the batch split over one-thread processes (``scsonet.parallel``).
+``benchmarks/train_speed.py`` measures each part against the plain model.
 """
 from __future__ import annotations
 

@@ -160,14 +160,8 @@ def _attach(model: nn.Module, exchange: _Exchange) -> list[nn.Module]:
 
 
 def _flat_grads(params: list[nn.Parameter], out: torch.Tensor) -> None:
-    offset = 0
-    for p in params:
-        n = p.numel()
-        if p.grad is None:
-            out[offset:offset + n].zero_()
-        else:
-            out[offset:offset + n].copy_(p.grad.flatten())
-        offset += n
+    """All gradients, in parameter order, into the flat ``out`` (zeros where there is none)."""
+    torch.cat([p.new_zeros(p.numel()) if p.grad is None else p.grad.reshape(-1) for p in params], out=out)
 
 
 def _helper(rank: int, model: nn.Module, loss_fn: Callable, conn, barrier, shared: dict, timeout: float) -> None:
