@@ -20,11 +20,14 @@ exactly, not assumed away. ``scsonet.fast.prepare_for_training`` applies all of 
 """
 from __future__ import annotations
 
+import ctypes
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
 
+from .._native import direct_conv
 from .odconv import ODConv2d
 from .sc_att_bridge import SCAttentionBridge, SpatialAttentionBridge
 from .scconv import SRU
@@ -79,6 +82,43 @@ class _Conv2dFastGrad(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None
 
 
+def _ptr(t: torch.Tensor | None) -> ctypes.c_void_p | None:
+    return None if t is None else ctypes.c_void_p(t.data_ptr())
+
+
+class _DirectConv2d(torch.autograd.Function):
+    """Stride-1, ungrouped conv2d of contiguous float32 CPU tensors by the loops of
+    ``scsonet/_native/direct_conv.c`` (vectorised along rows: fast for one or two output channels)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, padding: tuple[int, int], dilation: tuple[int, int], lib):
+        weight, bias = weight.contiguous(), None if bias is None else bias.contiguous()
+        n, c, h, w = x.shape
+        o, _, kh, kw = weight.shape
+        dims = (n, c, h, w, o, kh, kw, *padding, *dilation)
+        y = x.new_empty(n, o, h + 2 * padding[0] - dilation[0] * (kh - 1), w + 2 * padding[1] - dilation[1] * (kw - 1))
+        lib.direct_conv_forward(_ptr(x), _ptr(weight), _ptr(bias), _ptr(y), *dims)
+        ctx.save_for_backward(x, weight)
+        ctx.dims, ctx.lib, ctx.has_bias = dims, lib, bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight = ctx.saved_tensors
+        grad_y = grad_y.contiguous()
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.empty_like(x)
+            ctx.lib.direct_conv_grad_input(_ptr(grad_y), _ptr(weight), _ptr(grad_x), *ctx.dims)
+        if ctx.needs_input_grad[1]:
+            grad_w = torch.empty_like(weight)
+            if ctx.lib.direct_conv_grad_weight(_ptr(grad_y), _ptr(x), _ptr(grad_w), *ctx.dims) != 0:
+                raise MemoryError("direct_conv_grad_weight: out of memory")
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad_y.sum((0, 2, 3))
+        return grad_x, grad_w, grad_b, None, None, None
+
+
 class FastConv2d(nn.Conv2d):
     """``nn.Conv2d`` (stride 1, no groups, zero padding) on the faster CPU routes, same numbers.
 
@@ -90,6 +130,9 @@ class FastConv2d(nn.Conv2d):
     # below these, oneDNN's own backward is as fast (measured on 2 cores, batch 8)
     thin_out_channels = 8
     thin_min_pixels = 32 * 32
+    # at most these channels, the native direct loops beat both routes at any size (1 thread)
+    direct_max_out_channels = 2
+    direct_max_in_channels = 4
 
     def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if not torch.is_grad_enabled() or input.dim() != 4:
@@ -98,6 +141,9 @@ class FastConv2d(nn.Conv2d):
             # im2col+GEMM kernels (for 1x1 a plain GEMM), with their own autograd formula. Their weight
             # gradient is wrong for a channels-last-strided input (torch 2.13): hence contiguous().
             return torch.ops.aten._slow_conv2d_forward(input.contiguous(), weight, [1, 1], bias, [1, 1], [0, 0])
+        if (self.out_channels <= self.direct_max_out_channels and self.in_channels <= self.direct_max_in_channels
+                and input.dtype == torch.float32 and input.device.type == "cpu" and (lib := direct_conv()) is not None):
+            return _DirectConv2d.apply(input.contiguous(), weight, bias, self.padding, self.dilation, lib)
         h, w = input.shape[-2:]
         if self.out_channels < self.thin_out_channels and h * w >= self.thin_min_pixels:
             return _Conv2dFastGrad.apply(input.contiguous(), weight, bias, self.padding, self.dilation)
