@@ -1,7 +1,7 @@
 """Small C kernels, compiled on first use with the system's C compiler and loaded with ctypes.
 
-Optional by design: without a compiler (or with ``SCSONET_NATIVE=0``) ``direct_conv()`` is
-None and callers keep their PyTorch route. Builds are cached per source, flags and CPU in
+Optional by design: without a compiler (or with ``SCSONET_NATIVE=0``) ``native()`` is None
+and callers keep their PyTorch route. Builds are cached per source, flags and CPU in
 ``$SCSONET_CACHE`` (default ``~/.cache/scsonet``) and written atomically, so concurrent
 processes (the split-batch helpers) share one build.
 """
@@ -17,9 +17,9 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-__all__ = ["direct_conv"]
+__all__ = ["native"]
 
-_SOURCE = Path(__file__).with_name("direct_conv.c")
+_SOURCES = sorted(Path(__file__).parent.glob("*.c"))  # one library from all of them
 # -march=native first (the build is cached per CPU); then a portable build
 _FLAG_SETS = (["-O3", "-march=native"], ["-O3"])
 
@@ -45,7 +45,7 @@ def _build(compiler: str, flags: list[str], target: Path) -> bool:
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     try:
-        cmd = [compiler, *flags, "-std=gnu99", "-fPIC", "-shared", "-o", tmp, str(_SOURCE)]
+        cmd = [compiler, *flags, "-std=gnu99", "-fPIC", "-shared", "-o", tmp, *map(str, _SOURCES), "-lm"]
         if subprocess.run(cmd, capture_output=True, timeout=120).returncode != 0:
             return False
         os.replace(tmp, target)
@@ -74,18 +74,18 @@ def _load(path: Path) -> ctypes.CDLL | None:
 
 
 @functools.lru_cache(maxsize=None)
-def direct_conv() -> ctypes.CDLL | None:
-    """The direct-convolution library (``direct_conv.c``), built if needed; None if it can't be."""
+def native() -> ctypes.CDLL | None:
+    """The library of this folder's C kernels, built if needed; None if it can't be."""
     if os.environ.get("SCSONET_NATIVE", "1") == "0":
         return None
     compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc") or shutil.which("clang")
     if compiler is None:
         return None
-    source = _SOURCE.read_bytes()
+    source = b"\0".join(path.read_bytes() for path in _SOURCES)
     for flags in _FLAG_SETS:
         digest = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), compiler.encode(),
                                             _cpu_signature().encode()])).hexdigest()[:16]
-        path = _cache_dir() / f"direct_conv-{platform.machine()}-{digest}.so"
+        path = _cache_dir() / f"kernels-{platform.machine()}-{digest}.so"
         if (path.is_file() or _build(compiler, flags, path)) and (lib := _load(path)) is not None:
             return lib
     return None

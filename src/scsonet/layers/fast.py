@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
 
-from .._native import direct_conv
+from .._native import native
 from .odconv import ODConv2d
 from .sc_att_bridge import SCAttentionBridge, SpatialAttentionBridge
 from .scconv import SRU
@@ -142,7 +142,7 @@ class FastConv2d(nn.Conv2d):
             # gradient is wrong for a channels-last-strided input (torch 2.13): hence contiguous().
             return torch.ops.aten._slow_conv2d_forward(input.contiguous(), weight, [1, 1], bias, [1, 1], [0, 0])
         if (self.out_channels <= self.direct_max_out_channels and self.in_channels <= self.direct_max_in_channels
-                and input.dtype == torch.float32 and input.device.type == "cpu" and (lib := direct_conv()) is not None):
+                and input.dtype == torch.float32 and input.device.type == "cpu" and (lib := native()) is not None):
             return _DirectConv2d.apply(input.contiguous(), weight, bias, self.padding, self.dilation, lib)
         h, w = input.shape[-2:]
         if self.out_channels < self.thin_out_channels and h * w >= self.thin_min_pixels:
