@@ -8,7 +8,9 @@ bilinear upsampling's backward scatters one pixel at a time. The modules here co
 functions by faster routes (equal up to float rounding, gradients included; SRU and the
 max-pools exactly) and run the plain ops whenever no gradient is recorded (evaluation, export):
 
-- ``FastConv2d``: 1x1 convs as GEMMs, thin convs' input gradient as a flipped forward conv;
+- ``FastConv2d``: 1x1 convs as GEMMs, convs with one or two output channels by the native
+  direct loops of ``scsonet/_native`` (when a C compiler is there), other thin convs' input
+  gradient as a flipped forward conv;
 - ``FastMaxPool2d`` and ``PhaseConvNormPool`` (conv, GroupNorm, max-pool in a 2x2-phase layout);
 - ``upsample2x_aligned``: bilinear x2 with aligned corners from shifted slices, both ways;
 - ``FastODConv2d``, ``FastSRU``, ``FastSpatialAttentionBridge``, ``FastSCAttentionBridge``: the
@@ -122,9 +124,10 @@ class _DirectConv2d(torch.autograd.Function):
 class FastConv2d(nn.Conv2d):
     """``nn.Conv2d`` (stride 1, no groups, zero padding) on the faster CPU routes, same numbers.
 
-    1x1 kernels run as GEMMs; a conv with few output channels on a large map takes its input
-    gradient as a forward conv with flipped kernels; anything else runs plainly. Same
-    parameters and state-dict keys as the ``nn.Conv2d`` it replaces.
+    1x1 kernels run as GEMMs; a conv with one or two output channels (and few inputs) runs the
+    native direct loops when they could be built; another conv with few output channels on a
+    large map takes its input gradient as a forward conv with flipped kernels; anything else
+    runs plainly. Same parameters and state-dict keys as the ``nn.Conv2d`` it replaces.
     """
 
     # below these, oneDNN's own backward is as fast (measured on 2 cores, batch 8)
