@@ -291,3 +291,23 @@ def _assert_same_forward_and_backward(plain, fast, x, grad_y, tol):
         results.append([y, xr.grad] + [p.grad for p in module.parameters()])
     for got, want in zip(results[1], results[0]):
         torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+
+
+def test_spatial_gate_matches_sab_with_its_residual_on_tied_channels():
+    from scsonet.layers.fast import _SpatialGate
+
+    g = torch.Generator().manual_seed(0)
+    t = torch.randint(0, 3, (2, 5, 12, 12), generator=g).double()  # channel maxima tie often
+    conv = nn.Conv2d(2, 1, 7, padding=9, dilation=3).double()
+    grad_s = torch.randn(t.shape, generator=g, dtype=torch.float64)
+
+    def run(fn):
+        conv.zero_grad()
+        leaf = t.clone().requires_grad_()
+        fn(leaf).backward(grad_s)
+        return [leaf.grad, conv.weight.grad.clone(), conv.bias.grad.clone()]
+
+    plain = run(lambda x: x * torch.sigmoid(conv(torch.cat([x.mean(1, keepdim=True), x.amax(1, keepdim=True)], 1))) + x)
+    fused = run(lambda x: _SpatialGate.apply(x, conv.weight, conv.bias, conv))
+    for got, want in zip(fused, plain):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)

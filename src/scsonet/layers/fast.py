@@ -13,8 +13,8 @@ max-pools exactly) and run the plain ops whenever no gradient is recorded (evalu
   gradient as a flipped forward conv;
 - ``FastMaxPool2d`` and ``PhaseConvNormPool`` (conv, GroupNorm, max-pool in a 2x2-phase layout);
 - ``upsample2x_aligned``: bilinear x2 with aligned corners from shifted slices, both ways;
-- ``FastODConv2d``, ``FastSRU``, ``FastSpatialAttentionBridge``, ``FastSCAttentionBridge``: the
-  same algebra regrouped into fewer or cheaper passes.
+- ``FastODConv2d``, ``FastSRU``, ``FastSpatialAttentionBridge``, ``FastSCAttentionBridge`` (with
+  ``_SpatialGate``): the same algebra regrouped into fewer or cheaper passes.
 
 Max-pool gradients follow ``max_pool2d``: all of a window's gradient goes to its first maximum in
 scan order. Ties are common (flat image regions give equal activations), so they are resolved
@@ -359,6 +359,40 @@ class FastSpatialAttentionBridge(SpatialAttentionBridge):
         return torch.sigmoid(self.conv(desc))
 
 
+class _SpatialGate(torch.autograd.Function):
+    """t * (1 + a) with a = sigmoid(conv([mean_C(t), amax_C(t)])): SAB with its residual.
+
+    Autograd would take t's gradient in three parts (through the product, the mean and the
+    maximum) and add them up, six passes over t; here it is two fused multiply-adds, after the
+    two that the attention map's own gradient needs. The small conv and sigmoid keep their
+    autograd graph, run inside; amax's gradient is shared evenly among ties, as autograd's.
+    """
+
+    @staticmethod
+    def forward(ctx, t, weight, bias, conv: nn.Conv2d):
+        top = t.amax(dim=1, keepdim=True)
+        with torch.enable_grad():
+            desc = torch.cat([t.mean(dim=1, keepdim=True), top], dim=1).requires_grad_()
+            params = [p.detach().requires_grad_() for p in (weight, bias) if p is not None]
+            attention = torch.sigmoid(conv._conv_forward(desc, *params, *([None] if bias is None else [])))
+        ctx.save_for_backward(t, top)
+        ctx.inner = desc, params, attention
+        return t * (1 + attention.detach())
+
+    @staticmethod
+    def backward(ctx, grad_s):
+        t, top = ctx.saved_tensors
+        desc, params, attention = ctx.inner
+        grad_attention = (grad_s * t).sum(dim=1, keepdim=True)
+        grad_desc, *grad_params = torch.autograd.grad(attention, [desc, *params], grad_attention)
+        grad_mean, grad_top = grad_desc.split(1, dim=1)
+        hits = torch.eq(t, top, out=torch.empty_like(t))
+        grad_t = torch.addcmul(grad_mean / t.shape[1], grad_s, 1 + attention.detach())
+        grad_t.addcmul_(hits, grad_top / hits.sum(dim=1, keepdim=True))
+        grad_weight, grad_bias = grad_params if len(grad_params) == 2 else (grad_params[0], None)
+        return grad_t, grad_weight, grad_bias, None
+
+
 class FastSCAttentionBridge(SCAttentionBridge):
     """``SCAttentionBridge`` with the residual algebra regrouped (``cab_residual='sab'``).
 
@@ -369,7 +403,8 @@ class FastSCAttentionBridge(SCAttentionBridge):
     def forward(self, feats):
         if self.cab_residual != "sab" or not torch.is_grad_enabled():
             return super().forward(feats)
-        spatial = [t * (1 + self.sab.attention(t)) for t in feats]
+        conv = self.sab.conv
+        spatial = [_SpatialGate.apply(t.contiguous(), conv.weight, conv.bias, conv) for t in feats]
         pooled = torch.cat([F.adaptive_avg_pool2d(s, 1).flatten(1) for s in spatial], dim=1)
         mixed = self.cab.mix(pooled.unsqueeze(1)).squeeze(1)
         return [s * (1 + torch.sigmoid(fc(mixed))[:, :, None, None]) for s, fc in zip(spatial, self.cab.fcs)]
