@@ -10,11 +10,12 @@ Prints a Markdown table.
 Each row runs in its own worker process, because part of the fast path is process-wide (the
 memory allocator; OpenMP's spin count, which must be set before torch loads): the plain row is
 what a user gets without any of it. The middle rows add the process settings, then the model
-re-expressions (in one process with all the threads), to show what each part adds. The workers take turns, a few
-steps each per round in alternating order, so that load from other jobs on the machine falls on
-all rows alike. Each row reports its median step and its best step (the best is the closer
-guess for a machine without other jobs). All rows start from the same weights; the last column
-is the largest difference of their first logits from the plain row's.
+re-expressions (in one process with all the threads), to show what each part adds. The
+workers take turns, a few steps each per round in alternating order, so that load from other
+jobs on the machine falls on all rows alike; each turn starts with one untimed step (caches
+are cold after the other rows' turns). Each row reports its median step and its best step
+(the best is the closer guess for a machine without other jobs). All rows start from the same
+weights; the last column is the largest difference of their first logits from the plain row's.
 """
 from __future__ import annotations
 
@@ -74,6 +75,7 @@ def _worker(conn: Connection, setup: str, model_name: str, threads: int, batch_s
         optimizer.step()
 
     while steps := conn.recv():
+        step()  # untimed: the first step of a turn finds caches cold after the other rows' turns
         times = []
         for _ in range(steps):
             start = time.perf_counter()
@@ -145,17 +147,29 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per row (3)")
     p.add_argument("--rounds", type=int, default=6, help="turns per row (6)")
     p.add_argument("--steps", type=int, default=3, help="timed steps per turn (3)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="whole measurements, each with fresh worker processes, pooled (1)")
     p.add_argument("--out", help="also write the command and its output to this Markdown file")
     args = p.parse_args(argv)
-    times, diffs = measure(
-        ROWS, args.model, args.threads, args.batch_size, args.size, args.warmup, args.rounds, args.steps
-    )
+    times: dict[str, list[float]] = {label: [] for label in ROWS}
+    speedups = []
+    for _ in range(args.repeats):
+        run_times, diffs = measure(
+            ROWS, args.model, args.threads, args.batch_size, args.size, args.warmup, args.rounds, args.steps
+        )
+        medians = [statistics.median(ts) for ts in run_times.values()]
+        speedups.append(medians[0] / medians[-1])
+        for label, ts in run_times.items():
+            times[label] += ts
     report = (
         f"{args.model} training step, batch {args.batch_size}, {args.size}x{args.size}, {args.threads} threads, "
         f"torch {torch.__version__}, {platform.machine()}, {os.cpu_count()} CPUs, "
-        f"load average {os.getloadavg()[0]:.1f} at the end; median of {args.rounds * args.steps} steps per row\n\n"
-        f"{format_table(times, diffs, args.batch_size)}\n"
+        f"load average {os.getloadavg()[0]:.1f} at the end; median of {args.repeats * args.rounds * args.steps} "
+        f"steps per row\n\n{format_table(times, diffs, args.batch_size)}\n"
     )
+    if args.repeats > 1:
+        report += (f"\nSpeed-up of the last row over the first in each of the {args.repeats} measurements: "
+                   f"{', '.join(f'{x:.2f}x' for x in speedups)}.\n")
     print(report, end="")
     if args.out:
         command = " ".join(["python benchmarks/train_speed.py", *(argv if argv is not None else sys.argv[1:])])
