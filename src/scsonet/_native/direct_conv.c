@@ -25,22 +25,21 @@ static void overlap(idx n_in, idx n_out, idx off, idx *lo, idx *hi) {
     if (*hi < *lo) *hi = *lo;
 }
 
-/* y = conv(x, w) + bias (bias may be NULL). */
-void direct_conv_forward(const float *x, const float *w, const float *bias, float *y,
-                         idx N, idx C, idx H, idx W, idx O, idx KH, idx KW,
-                         idx ph, idx pw, idx dh, idx dw) {
-    idx HO = H + 2 * ph - dh * (KH - 1), WO = W + 2 * pw - dw * (KW - 1);
+/* out = bias + the correlation of in (N, C, H, W) with w (O, C, KH, KW): out is (N, O, HO, WO). */
+static void correlate(const float *in, const float *w, const float *bias, float *out,
+                      idx N, idx C, idx H, idx W, idx O, idx HO, idx WO, idx KH, idx KW,
+                      idx ph, idx pw, idx dh, idx dw) {
     for (idx n = 0; n < N; ++n)
         for (idx o = 0; o < O; ++o)
             for (idx h = 0; h < HO; ++h) {
-                float *restrict yr = y + ((n * O + o) * HO + h) * WO;
+                float *restrict yr = out + ((n * O + o) * HO + h) * WO;
                 float b = bias ? bias[o] : 0.0f;
                 for (idx j = 0; j < WO; ++j) yr[j] = b;
                 for (idx c = 0; c < C; ++c)
                     for (idx ky = 0; ky < KH; ++ky) {
                         idx hi = h + ky * dh - ph;
                         if (hi < 0 || hi >= H) continue;
-                        const float *restrict xr = x + ((n * C + c) * H + hi) * W;
+                        const float *restrict xr = in + ((n * C + c) * H + hi) * W;
                         const float *wk = w + ((o * C + c) * KH + ky) * KW;
                         for (idx kx = 0; kx < KW; ++kx) {
                             idx off = kx * dw - pw, lo, hi_j;
@@ -52,30 +51,32 @@ void direct_conv_forward(const float *x, const float *w, const float *bias, floa
             }
 }
 
-/* gx = the gradient of x given gy: the correlation of gy with the flipped kernels. */
-void direct_conv_grad_input(const float *gy, const float *w, float *gx,
-                            idx N, idx C, idx H, idx W, idx O, idx KH, idx KW,
-                            idx ph, idx pw, idx dh, idx dw) {
+/* y = conv(x, w) + bias (bias may be NULL). Returns 0 (as the other kernels, which can fail). */
+int direct_conv_forward(const float *x, const float *w, const float *bias, float *y,
+                        idx N, idx C, idx H, idx W, idx O, idx KH, idx KW,
+                        idx ph, idx pw, idx dh, idx dw) {
     idx HO = H + 2 * ph - dh * (KH - 1), WO = W + 2 * pw - dw * (KW - 1);
-    for (idx n = 0; n < N; ++n)
+    correlate(x, w, bias, y, N, C, H, W, O, HO, WO, KH, KW, ph, pw, dh, dw);
+    return 0;
+}
+
+/* gx = the gradient of x given gy: gx[c, r] = sum_{o, ky} w[o, c, ky] gy[o, r - ky dh + ph], which
+ * with ky' = KH - 1 - ky is the correlation of gy with the flipped, transposed kernels and the
+ * padding dh (KH - 1) - ph. Returns 0, or -1 when out of memory. */
+int direct_conv_grad_input(const float *gy, const float *w, float *gx,
+                           idx N, idx C, idx H, idx W, idx O, idx KH, idx KW,
+                           idx ph, idx pw, idx dh, idx dw) {
+    idx HO = H + 2 * ph - dh * (KH - 1), WO = W + 2 * pw - dw * (KW - 1);
+    float *flipped = malloc(sizeof(float) * (size_t)(C * O * KH * KW));  /* (C, O, KH, KW) */
+    if (!flipped) return -1;
+    for (idx o = 0; o < O; ++o)
         for (idx c = 0; c < C; ++c)
-            for (idx r = 0; r < H; ++r) {
-                float *restrict gr = gx + ((n * C + c) * H + r) * W;
-                for (idx j = 0; j < W; ++j) gr[j] = 0.0f;
-                for (idx o = 0; o < O; ++o)
-                    for (idx ky = 0; ky < KH; ++ky) {
-                        idx h = r - ky * dh + ph;  /* the output row that read input row r */
-                        if (h < 0 || h >= HO) continue;
-                        const float *restrict gyr = gy + ((n * O + o) * HO + h) * WO;
-                        const float *wk = w + ((o * C + c) * KH + ky) * KW;
-                        for (idx kx = 0; kx < KW; ++kx) {
-                            idx off = -(kx * dw - pw), lo, hi_j;  /* gx[j] += k * gy[j + off] */
-                            overlap(WO, W, off, &lo, &hi_j);
-                            float k = wk[kx];
-                            for (idx j = lo; j < hi_j; ++j) gr[j] += k * gyr[j + off];
-                        }
-                    }
-            }
+            for (idx ky = 0; ky < KH; ++ky)
+                for (idx kx = 0; kx < KW; ++kx)
+                    flipped[((c * O + o) * KH + (KH - 1 - ky)) * KW + (KW - 1 - kx)] = w[((o * C + c) * KH + ky) * KW + kx];
+    correlate(gy, flipped, NULL, gx, N, O, HO, WO, C, H, W, KH, KW, dh * (KH - 1) - ph, dw * (KW - 1) - pw, dh, dw);
+    free(flipped);
+    return 0;
 }
 
 /* gw = the gradient of w given gy and x. Returns 0, or -1 when out of memory.
