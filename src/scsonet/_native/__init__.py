@@ -64,12 +64,10 @@ def _load(path: Path) -> ctypes.CDLL | None:
         return None
     ptr, size = ctypes.c_void_p, ctypes.c_ssize_t
     dims = [size] * 11  # N, C, H, W, O, KH, KW, ph, pw, dh, dw
-    lib.direct_conv_forward.argtypes = [ptr, ptr, ptr, ptr, *dims]
-    lib.direct_conv_forward.restype = None
-    lib.direct_conv_grad_input.argtypes = [ptr, ptr, ptr, *dims]
-    lib.direct_conv_grad_input.restype = None
-    lib.direct_conv_grad_weight.argtypes = [ptr, ptr, ptr, *dims]
-    lib.direct_conv_grad_weight.restype = ctypes.c_int
+    # every kernel returns 0, or -1 when out of memory
+    for name, pointers in (("forward", 4), ("grad_input", 3), ("grad_weight", 3)):
+        fn = getattr(lib, f"direct_conv_{name}")
+        fn.argtypes, fn.restype = [ptr] * pointers + dims, ctypes.c_int
     return lib
 
 

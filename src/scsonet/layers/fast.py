@@ -88,6 +88,11 @@ def _ptr(t: torch.Tensor | None) -> ctypes.c_void_p | None:
     return None if t is None else ctypes.c_void_p(t.data_ptr())
 
 
+def _check(status: int, kernel: str) -> None:
+    if status != 0:
+        raise MemoryError(f"{kernel}: out of memory")
+
+
 class _DirectConv2d(torch.autograd.Function):
     """Stride-1, ungrouped conv2d of contiguous float32 CPU tensors by the loops of
     ``scsonet/_native/direct_conv.c`` (vectorised along rows: fast for one or two output channels)."""
@@ -99,7 +104,7 @@ class _DirectConv2d(torch.autograd.Function):
         o, _, kh, kw = weight.shape
         dims = (n, c, h, w, o, kh, kw, *padding, *dilation)
         y = x.new_empty(n, o, h + 2 * padding[0] - dilation[0] * (kh - 1), w + 2 * padding[1] - dilation[1] * (kw - 1))
-        lib.direct_conv_forward(_ptr(x), _ptr(weight), _ptr(bias), _ptr(y), *dims)
+        _check(lib.direct_conv_forward(_ptr(x), _ptr(weight), _ptr(bias), _ptr(y), *dims), "direct_conv_forward")
         ctx.save_for_backward(x, weight)
         ctx.dims, ctx.lib, ctx.has_bias = dims, lib, bias is not None
         return y
@@ -111,11 +116,12 @@ class _DirectConv2d(torch.autograd.Function):
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_x = torch.empty_like(x)
-            ctx.lib.direct_conv_grad_input(_ptr(grad_y), _ptr(weight), _ptr(grad_x), *ctx.dims)
+            _check(ctx.lib.direct_conv_grad_input(_ptr(grad_y), _ptr(weight), _ptr(grad_x), *ctx.dims),
+                   "direct_conv_grad_input")
         if ctx.needs_input_grad[1]:
             grad_w = torch.empty_like(weight)
-            if ctx.lib.direct_conv_grad_weight(_ptr(grad_y), _ptr(x), _ptr(grad_w), *ctx.dims) != 0:
-                raise MemoryError("direct_conv_grad_weight: out of memory")
+            _check(ctx.lib.direct_conv_grad_weight(_ptr(grad_y), _ptr(x), _ptr(grad_w), *ctx.dims),
+                   "direct_conv_grad_weight")
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad_y.sum((0, 2, 3))
         return grad_x, grad_w, grad_b, None, None, None
