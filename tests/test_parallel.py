@@ -1,10 +1,12 @@
 """Split-batch steps: the same gradients as one process, BatchNorm over the whole batch, clear failures."""
+import os
+
 import pytest
 import torch
 
 from scsonet.losses import BceDiceLoss
 from scsonet.models import create_model
-from scsonet.parallel import ModelLoss, SplitBatchStep
+from scsonet.parallel import ModelLoss, SplitBatchStep, cpu_budget
 
 
 def _batch(n, size=64, dtype=torch.float64):
@@ -81,3 +83,18 @@ def test_a_failing_helper_fails_the_step_with_its_error():
 def test_fewer_than_two_processes_is_refused():
     with pytest.raises(ValueError, match="at least 2"):
         SplitBatchStep(_model("malunet"), ModelLoss(BceDiceLoss()), processes=1)
+
+
+@pytest.mark.parametrize("files, expected", [
+    ({"cpu.max": "150000 100000\n"}, 1),  # a 1.5-CPU container quota: one process
+    ({"cpu.max": "max 100000\n"}, None),  # no quota
+    ({"cpu/cpu.cfs_quota_us": "100000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 1),  # cgroup v1
+    ({}, None),  # no cgroup files at all
+])
+def test_cpu_budget_respects_a_container_quota(tmp_path, monkeypatch, files, expected):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 64)
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    unlimited = min(64, len(os.sched_getaffinity(0))) if hasattr(os, "sched_getaffinity") else 64
+    assert cpu_budget(tmp_path) == (expected if expected is not None else unlimited)

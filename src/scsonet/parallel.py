@@ -17,15 +17,17 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing as mp
+import os
 import threading
 import traceback
 import weakref
+from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
 import torch.nn as nn
 
-__all__ = ["SplitBatchStep", "ModelLoss"]
+__all__ = ["SplitBatchStep", "ModelLoss", "cpu_budget"]
 
 # float64 values per process and exchange; a BatchNorm of C channels exchanges 2C + 1
 EXCHANGE_CAPACITY = 1 << 14
@@ -49,6 +51,31 @@ class ModelLoss:
         if aux and self.aux_loss is not None:
             loss = loss + self.aux_loss(aux, y, self.criterion)
         return loss
+
+
+def cpu_budget(cgroup_root: str | os.PathLike = "/sys/fs/cgroup") -> int:
+    """CPUs this process may keep busy: torch's thread count, capped by its CPU affinity and by a
+    container's CPU quota (cgroup v2 ``cpu.max`` or v1 ``cpu.cfs_quota_us``), at least 1.
+
+    torch counts the host's cores even when a container may use only a few; one process per
+    counted core would then oversubscribe the quota, which is many times slower.
+    """
+    budget = torch.get_num_threads()
+    if hasattr(os, "sched_getaffinity"):
+        budget = min(budget, len(os.sched_getaffinity(0)))
+    root = Path(cgroup_root)
+    try:
+        quota, period = (root / "cpu.max").read_text().split()[:2]
+    except (OSError, ValueError):
+        try:
+            quota = (root / "cpu" / "cpu.cfs_quota_us").read_text().strip()
+            period = (root / "cpu" / "cpu.cfs_period_us").read_text().strip()
+        except OSError:
+            quota, period = "max", "1"
+    if quota not in ("max", "-1"):
+        with contextlib.suppress(ValueError, ZeroDivisionError):
+            budget = min(budget, int(int(quota) / int(period)))
+    return max(budget, 1)
 
 
 @contextlib.contextmanager

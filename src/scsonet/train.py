@@ -36,7 +36,7 @@ from .fast import optimizer_options, prepare_for_training
 from .losses import BceDiceLoss
 from .models import create_model
 from .models.egeunet import deep_supervision_loss
-from .parallel import ModelLoss, SplitBatchStep
+from .parallel import ModelLoss, SplitBatchStep, cpu_budget
 
 PROTOCOLS = {
     # protocol: (splits fitted on, split that selects the checkpoint)
@@ -70,7 +70,7 @@ class TrainConfig:
     cuda_graph: bool = True  # capture the whole training step as a CUDA graph (single CUDA process)
     fast: bool = True  # CPU: exact re-expressions of slow blocks and fused AdamW (scsonet.fast)
     threads: int = 0  # CPU threads for torch (0 = torch's default)
-    processes: int = 0  # CPU: split each batch among this many one-thread processes (0 = one per thread; 1 = off)
+    processes: int = 0  # CPU: split each batch among one-thread processes (0 = one per usable CPU; 1 = off)
     out_dir: str = "runs"  # run directories are created here
     run_name: str = ""  # default: <model>-<protocol>-s<seed>
     tensorboard: bool = True  # log to TensorBoard when it is installed
@@ -140,7 +140,7 @@ def _setup_distributed(cfg: TrainConfig):
 
 
 def _split_processes(cfg: TrainConfig, device: torch.device, world_size: int) -> int:
-    """Processes to split each batch among: one per CPU thread by default, on the fast CPU path.
+    """Processes to split each batch among: one per usable CPU by default, on the fast CPU path.
 
     One single-threaded process per core beats one process with a thread per core for this
     small network (``scsonet.parallel``); torchrun runs, GPUs and autocast keep one process.
@@ -149,7 +149,7 @@ def _split_processes(cfg: TrainConfig, device: torch.device, world_size: int) ->
         return 1
     if cfg.processes:
         return min(cfg.processes, cfg.batch_size)
-    return min(torch.get_num_threads(), cfg.batch_size) if cfg.fast else 1
+    return min(cpu_budget(), cfg.batch_size) if cfg.fast else 1
 
 
 def _write_log(path: Path, history: list[dict[str, Any]]) -> None:
