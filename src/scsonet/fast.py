@@ -71,6 +71,17 @@ class FastSCSONet(SCSONet):
     upsample2x = staticmethod(upsample2x_aligned)
 
 
+# exact twins that only override how a block computes (conv and max-pool twins need a check first)
+_TWINS: dict[type[nn.Module], type[nn.Module]] = {
+    _DecoderStage: FastDecoderStage,
+    SCSONet: FastSCSONet,
+    ODConv2d: FastODConv2d,
+    SRU: FastSRU,
+    SpatialAttentionBridge: FastSpatialAttentionBridge,
+    SCAttentionBridge: FastSCAttentionBridge,
+}
+
+
 def _phase_stage(stage: nn.Module) -> PhaseConvNormPool | None:
     """The phase-layout twin of an SCSONet encoder stage with a plain conv block, else None."""
     if not isinstance(stage, _EncoderStage) or not PhaseConvNormPool.supports(stage.block, stage.norm, stage.pool):
@@ -101,18 +112,8 @@ def prepare_for_training(model: nn.Module, device: torch.device | str = "cpu") -
             _swap_class(module, FastConv2d)
         elif FastMaxPool2d.supports(module):
             _swap_class(module, FastMaxPool2d)
-        elif type(module) is _DecoderStage:
-            _swap_class(module, FastDecoderStage)
-        elif type(module) is SCSONet:
-            _swap_class(module, FastSCSONet)
-        elif type(module) is ODConv2d:
-            _swap_class(module, FastODConv2d)
-        elif type(module) is SRU:
-            _swap_class(module, FastSRU)
-        elif type(module) is SpatialAttentionBridge:
-            _swap_class(module, FastSpatialAttentionBridge)
-        elif type(module) is SCAttentionBridge:
-            _swap_class(module, FastSCAttentionBridge)
+        elif type(module) in _TWINS:
+            _swap_class(module, _TWINS[type(module)])
     return model
 
 

@@ -279,6 +279,8 @@ class SplitBatchStep:
             self._conns.append(parent)
             self._procs.append(proc)
         self._norms = _attach(model, self._exchange)
+        # each helper's flat gradient row, cut once into the parameters' shapes
+        self._helper_grads = [self._views(row) for row in self._shared["grads"]]
         self._inputs: tuple[torch.Tensor, ...] | None = None
         self._finalizer = weakref.finalize(self, _stop, self._conns, self._procs)
 
@@ -292,10 +294,10 @@ class SplitBatchStep:
 
     def _buffers_for(self, tensors: tuple[torch.Tensor, ...]) -> bool:
         """Make sure shared input buffers fit ``tensors``; True when new ones were made."""
-        if self._inputs is not None and all(
+        if self._inputs is not None and len(self._inputs) == len(tensors) and all(
             buf.shape[1:] == t.shape[1:] and buf.dtype == t.dtype and buf.shape[0] >= t.shape[0]
             for buf, t in zip(self._inputs, tensors)
-        ) and len(self._inputs) == len(tensors):
+        ):
             return False
         self._inputs = tuple(torch.empty_like(t).share_memory_() for t in tensors)
         return True
@@ -345,10 +347,10 @@ class SplitBatchStep:
         finally:
             self._exchange.active = False
         self._wait()
-        have_grad = [p.grad is not None for p in self.params]
-        grads = [p.grad for p in self.params if p.grad is not None]
-        for row in self._shared["grads"]:  # rank order: reproducible sums
-            torch._foreach_add_(grads, [v for v, has in zip(self._views(row), have_grad) if has])
+        present = [i for i, p in enumerate(self.params) if p.grad is not None]
+        grads = [self.params[i].grad for i in present]
+        for views in self._helper_grads:  # rank order: reproducible sums
+            torch._foreach_add_(grads, [views[i] for i in present])
         losses = self._shared["losses"]
         losses[0] = loss.detach()
         return losses.sum()

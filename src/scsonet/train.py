@@ -311,14 +311,13 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> Path:
                         print(f"CUDA graph capture failed ({str(err).splitlines()[0]}); continuing eagerly", flush=True)
                         use_graph = False
                         torch.cuda.synchronize()
-                if split_step is not None:
-                    loss = split_step(x, y)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                elif not use_graph:
-                    with autocast():
-                        loss = compute_loss(x, y)
-                    loss.backward()
+                if not use_graph:
+                    if split_step is not None:  # forward and backward over the helper processes
+                        loss = split_step(x, y)
+                    else:
+                        with autocast():
+                            loss = compute_loss(x, y)
+                        loss.backward()
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                 total_loss += loss.detach()

@@ -379,24 +379,23 @@ class _SpatialGate(torch.autograd.Function):
         top = t.amax(dim=1, keepdim=True)
         with torch.enable_grad():
             desc = torch.cat([t.mean(dim=1, keepdim=True), top], dim=1).requires_grad_()
-            params = [p.detach().requires_grad_() for p in (weight, bias) if p is not None]
-            attention = torch.sigmoid(conv._conv_forward(desc, *params, *([None] if bias is None else [])))
+            leaves = [desc] + [p.detach().requires_grad_() for p in (weight, bias) if p is not None]
+            attention = torch.sigmoid(conv._conv_forward(desc, *leaves[1:], *([None] if bias is None else [])))
         ctx.save_for_backward(t, top)
-        ctx.inner = desc, params, attention
+        ctx.inner = leaves, attention
         return t * (1 + attention.detach())
 
     @staticmethod
     def backward(ctx, grad_s):
         t, top = ctx.saved_tensors
-        desc, params, attention = ctx.inner
+        leaves, attention = ctx.inner
         grad_attention = (grad_s * t).sum(dim=1, keepdim=True)
-        grad_desc, *grad_params = torch.autograd.grad(attention, [desc, *params], grad_attention)
+        grad_desc, grad_weight, *grad_bias = torch.autograd.grad(attention, leaves, grad_attention)
         grad_mean, grad_top = grad_desc.split(1, dim=1)
         hits = torch.eq(t, top, out=torch.empty_like(t))
         grad_t = torch.addcmul(grad_mean / t.shape[1], grad_s, 1 + attention.detach())
         grad_t.addcmul_(hits, grad_top / hits.sum(dim=1, keepdim=True))
-        grad_weight, grad_bias = grad_params if len(grad_params) == 2 else (grad_params[0], None)
-        return grad_t, grad_weight, grad_bias, None
+        return grad_t, grad_weight, grad_bias[0] if grad_bias else None, None
 
 
 class FastSCAttentionBridge(SCAttentionBridge):
