@@ -1,4 +1,5 @@
-"""Evaluate a model on a prepared split: pooled and per-image metrics, HD95, optional flip TTA.
+"""Evaluate a model on a prepared split, or on a labelled folder: pooled and per-image metrics,
+HD95, optional flip TTA.
 
 Images are normalised with the WEIGHTS' preset (the mean/std the model was trained with), never
 with statistics of the evaluated data. Metrics are computed at the resolution of the prepared
@@ -10,7 +11,7 @@ import csv
 import io
 import math
 from pathlib import Path
-from typing import Any, Protocol, Sequence, Union
+from typing import TYPE_CHECKING, Any, Protocol, Sequence, Union
 
 import numpy as np
 import torch
@@ -24,7 +25,10 @@ from .metrics import MetricAccumulator, per_image_metrics, per_image_scores, poo
 from .models import LoadedModel
 from .transforms import SegmentationPreset
 
-__all__ = ["evaluate", "format_report", "predict_probs", "write_report", "REPORT_NAME", "PER_IMAGE_NAME"]
+if TYPE_CHECKING:
+    from .inference import Segmenter
+
+__all__ = ["evaluate", "evaluate_folder", "format_report", "predict_probs", "write_report", "REPORT_NAME", "PER_IMAGE_NAME"]
 
 REPORT_NAME = "report.json"
 PER_IMAGE_NAME = "per_image.csv"
@@ -147,32 +151,149 @@ def evaluate(
     finally:
         net.train(was_training)
 
-    stats = acc.stats
-    dice, iou = per_image_scores(stats)
-    hd95_values = acc.hd95_values if hd95 else [math.nan] * num_images
-    rows = [{"id": str(image_id), "dice": float(d), "iou": float(j), "hd95": float(h),
-             "tp": int(tp), "fp": int(fp), "fn": int(fn), "tn": int(tn)}
-            for image_id, d, j, h, tp, fp, fn, tn in zip(arrays.ids, dice, iou, hd95_values, *stats)]
-
-    meta = loaded.meta if loaded else {}
-    protocol = _protocol(meta)
+    rows, metrics = _rows_and_metrics(acc, arrays.ids, hd95)
     report: dict[str, Any] = {
         "split": split,
         "n_images": num_images,
-        "weights": loaded.source if loaded else None,
-        "model": loaded.name if loaded else type(net).__name__,
-        "protocol": protocol,
-        "checkpoint_epoch": meta.get("epoch"),  # as the checkpoint stores it (scsonet train: 0-based)
+        **_model_fields(loaded, net),
         "threshold": threshold,
         "tta": tta,
         "resolution": list(mask_size),
         "preprocessing": preset.to_dict(),
-        "pooled": pooled_metrics(stats),
-        "per_image": per_image_metrics(stats),
-        "hd95_pixels": summarize_hd95(acc.hd95_values) if hd95 else None,
+        **metrics,
     }
-    if note := _protocol_note(protocol, split):
+    if note := _protocol_note(report["protocol"], split):
         report["note"] = note
+    return report, rows
+
+
+def _model_fields(loaded: LoadedModel | None, net: Any) -> dict[str, Any]:
+    meta = loaded.meta if loaded else {}
+    return {
+        "weights": loaded.source if loaded else None,
+        "model": loaded.name if loaded else type(net).__name__,
+        "protocol": _protocol(meta),
+        "checkpoint_epoch": meta.get("epoch"),  # as the checkpoint stores it (scsonet train: 0-based)
+    }
+
+
+def _rows_and_metrics(acc: MetricAccumulator, ids: Sequence[str], hd95: bool
+                      ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Per-image rows and the report's ``pooled``, ``per_image`` and ``hd95_pixels`` entries."""
+    stats = acc.stats
+    dice, iou = per_image_scores(stats)
+    hd95_values = acc.hd95_values if hd95 else [math.nan] * len(ids)
+    rows = [{"id": str(image_id), "dice": float(d), "iou": float(j), "hd95": float(h),
+             "tp": int(tp), "fp": int(fp), "fn": int(fn), "tn": int(tn)}
+            for image_id, d, j, h, tp, fp, fn, tn in zip(ids, dice, iou, hd95_values, *stats)]
+    metrics = {"pooled": pooled_metrics(stats), "per_image": per_image_metrics(stats),
+               "hd95_pixels": summarize_hd95(acc.hd95_values) if hd95 else None}
+    return rows, metrics
+
+
+def evaluate_folder(
+        model: LoadedModel | Segmenter,
+        images: str | Path,
+        masks: str | Path,
+        *,
+        batch_size: int = 8,
+        device: str | torch.device = "cpu",
+        tta: bool = False,
+        threshold: float = 0.5,
+        hd95: bool = True,
+        skip_bad: bool = False,
+        progress: bool = False,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Score a labelled folder, each image at its mask's own resolution, as ``scsonet predict`` sees it.
+
+    Images and masks are paired by stem and decoded as ``scsonet data prepare --dataset folder``
+    does (a mask may carry a suffix such as ``_mask``; either folder may be a .zip): unpaired,
+    duplicated, unreadable and non-binary files are bad inputs, fatal unless ``skip_bad``.
+    Probabilities come from ``predict_probabilities`` (the image resized to the model's input,
+    the map resized back to the image), then, where a mask's size differs from its image's, are
+    stretched to the mask (a note says so). With images at the model's input size this gives
+    the figures of ``evaluate`` on the same pairs prepared.
+
+    Args:
+        model: a ``LoadedModel`` (run by ``TorchSegmenter``) or any ``Segmenter`` backend.
+        images, masks: the image folder and the mask folder (or .zip archives).
+        batch_size: images per forward pass (8).
+        device: where a ``LoadedModel`` runs (``"cpu"``).
+        tta: flip TTA of a ``LoadedModel``; another backend brings its own (False).
+        threshold: lesion where the probability is at least this (0.5).
+        hd95: compute the per-image HD95, in pixels of the mask (True).
+        skip_bad: leave bad inputs out and list them in the report's ``skipped`` (False).
+        progress: show a progress bar (False).
+
+    Returns:
+        ``(report, rows)`` as ``evaluate`` returns them; the report also has ``images``,
+        ``masks``, ``skipped``, ``warnings`` (masks without foreground or background) and
+        ``notes``; ``resolution`` is None when the masks differ in size.
+    """
+    from tqdm import tqdm
+
+    from .data.layouts import list_folder_pairs
+    from .data.prepare import _check_problems, _decode, _mask_warning
+    from .inference import TorchSegmenter, predict_probabilities
+    from .postprocess import resize_probabilities
+
+    if batch_size < 1:
+        raise ScsonetError(f"batch size {batch_size} must be at least 1")
+    listing = list_folder_pairs(images, masks)
+    problems = list(listing.problems)
+    _check_problems(problems, skip_bad)  # pairing problems: fail before the slow part
+    loaded = model if isinstance(model, LoadedModel) else None
+    segmenter = TorchSegmenter(loaded, resolve_device(device), tta) if loaded else model
+    acc = MetricAccumulator(threshold, hd95=hd95)
+    ids: list[str] = []
+    warnings: list[str] = []
+    notes = list(listing.notes)
+    sizes = set()
+    pairs = listing.pairs
+    with tqdm(total=len(pairs), desc="evaluate", unit="image", disable=not progress, leave=False) as bar:
+        for start in range(0, len(pairs), batch_size):
+            chunk = []
+            for pair in pairs[start:start + batch_size]:
+                image_id, image, mask, problem = _decode(pair, None)
+                if problem:
+                    problems.append(problem)
+                else:
+                    chunk.append((pair, image, mask))
+            bar.update(len(pairs[start:start + batch_size]))
+            if not chunk or (problems and not skip_bad):
+                continue  # the run will fail: only look for further bad inputs, to name them all
+            for (pair, image, mask), probs in zip(chunk, predict_probabilities([c[1] for c in chunk], segmenter)):
+                if probs.shape != mask.shape:
+                    notes.append(f"{pair.id}: mask {mask.shape[1]}x{mask.shape[0]} differs from its image "
+                                 f"{image.shape[1]}x{image.shape[0]}: scored at the mask's size, the "
+                                 f"probabilities stretched to it ({pair.mask})")
+                    probs = resize_probabilities(probs, mask.shape)
+                acc.update(np.array(probs[None]), mask[None])  # a copy: a resized map is read-only
+                if warning := _mask_warning(pair.id, mask, str(pair.mask)):
+                    warnings.append(warning)
+                ids.append(pair.id)
+                sizes.add(mask.shape)
+    _check_problems(problems, skip_bad)
+    if not ids:
+        raise ScsonetError(f"{images}: no pair could be scored")
+
+    rows, metrics = _rows_and_metrics(acc, ids, hd95)
+    preset = getattr(segmenter, "preset", None)
+    report: dict[str, Any] = {
+        "split": None,
+        "images": str(images),
+        "masks": str(masks),
+        "n_images": len(ids),
+        **_model_fields(loaded, segmenter),
+        "threshold": threshold,
+        "tta": bool(getattr(segmenter, "tta", tta)),
+        "resolution": list(sizes.pop()) if len(sizes) == 1 else None,
+        "preprocessing": preset.to_dict() if preset is not None else None,
+        **metrics,
+        "skipped": [{"file": p.file, "reason": p.reason, "id": p.id} for p in problems],
+        "warnings": sorted(warnings),
+        "notes": notes,
+    }
     return report, rows
 
 
@@ -198,7 +319,9 @@ def write_report(report: dict[str, Any], rows: list[dict[str, Any]], out_dir: st
 def format_report(report: dict[str, Any]) -> str:
     """A readable table of every metric in ``report``: percentages with 2 decimals, HD95 in pixels."""
     pooled, per_image, hd = report["pooled"], report["per_image"], report["hd95_pixels"]
-    header = (f"split {report['split'] or '?'}, {report['n_images']} images, threshold {report['threshold']:.2f}, "
+    where = f"split {report['split'] or '?'}" if report.get("images") is None else \
+        f"images {report['images']} with masks {report['masks']}"
+    header = (f"{where}, {report['n_images']} images, threshold {report['threshold']:.2f}, "
               f"TTA {'on' if report['tta'] else 'off'}, protocol {report['protocol'] or 'unknown'}")
     lines = [f"weights: {report['weights'] or report['model']}", header, ""]
     table = [

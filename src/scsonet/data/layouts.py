@@ -137,6 +137,23 @@ def list_pairs(dataset: str, src: str | Path) -> Listing:
     if not image_refs:
         expected = ", ".join(f"{i}/ with {m}/" for i, m in layout.parts)
         raise ScsonetError(f"{src}: no {layout.title} data found (expected {expected}, folders or .zip)")
+    return _pair(image_refs, mask_refs, listing)
+
+
+def list_folder_pairs(images: str | Path, masks: str | Path) -> Listing:
+    """Pair the files of an image folder with those of a mask folder (either may be a .zip) by
+    stem, under the rules of the ``folder`` layout (``scsonet data prepare --dataset folder``)."""
+    listing = Listing()
+    refs = []
+    for part, kind in ((Path(images), "image"), (Path(masks), "mask")):
+        if not part.exists():
+            raise ScsonetError(f"{part}: {kind} folder not found")
+        refs.append(_data_files(part, LAYOUTS["folder"], listing))
+    return _pair(*refs, listing)
+
+
+def _pair(image_refs: list[FileRef], mask_refs: list[FileRef], listing: Listing) -> Listing:
+    """Match masks to images by ID into ``listing.pairs``; unmatched and duplicated IDs are problems."""
     images, bad_images = _index(image_refs, lambda r: r.stem, listing, "image")
     all_image_ids = images.keys() | bad_images
     masks, bad_masks = _index(mask_refs, lambda r: mask_id(r.stem, all_image_ids), listing, "mask")
