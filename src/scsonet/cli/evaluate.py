@@ -1,9 +1,12 @@
-"""``scsonet evaluate``: score weights on a prepared split; print a table, write JSON + per-image CSV.
+"""``scsonet evaluate``: score weights on a prepared split or a labelled folder; print a table,
+write JSON + per-image CSV.
 
     scsonet evaluate --weights runs/exp1/best.pt --data data/isic2017 --split test --tta
+    scsonet evaluate --weights scsonet-isic2017 --images ext/images --masks ext/masks
 
 Output goes to ``--out``; by default beside a weights file (``<dir>/eval-<stem>-<split>[-tta]/``)
-or, for a pretrained name, under the working directory (``eval/<name>-<split>[-tta]/``).
+or, for a pretrained name, under the working directory (``eval/<name>-<split>[-tta]/``); for a
+folder, ``<split>`` is the image folder's name.
 """
 from __future__ import annotations
 
@@ -12,11 +15,17 @@ from pathlib import Path
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("evaluate", help="metrics of weights on a prepared split (pooled, per image, HD95)",
-                              description="Evaluate weights on a prepared split: the paper's five pooled metrics, "
-                                          "per-image Dice/IoU mean and std, and HD95 in pixels.")
+    p = subparsers.add_parser("evaluate", help="metrics of weights on a prepared split or a labelled folder",
+                              description="Evaluate weights on a prepared split (--data) or on a labelled folder "
+                                          "(--images with --masks, paired by stem as `data prepare --dataset "
+                                          "folder` pairs them, scored at each mask's own size): the paper's five "
+                                          "pooled metrics, per-image Dice/IoU mean and std, and HD95 in pixels.")
     p.add_argument("--weights", required=True, help="pretrained name (scsonet-isic2017), .pt checkpoint or .safetensors")
-    p.add_argument("--data", required=True, type=Path, help="prepared dataset directory (scsonet prepare)")
+    p.add_argument("--data", type=Path, default=None, help="prepared dataset directory (scsonet data prepare)")
+    p.add_argument("--images", type=Path, default=None, help="instead of --data: folder (or .zip) of images")
+    p.add_argument("--masks", type=Path, default=None, help="with --images: folder (or .zip) of their masks")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="with --images: leave out bad inputs (unpaired, unreadable, non-binary), listed in the report")
     p.add_argument("--split", default="test", help="split to evaluate (test)")
     p.add_argument("--tta", action="store_true", help="average over horizontal/vertical flips")
     p.add_argument("--threshold", type=float, default=0.5, help="probability threshold for lesion (0.5)")
@@ -41,7 +50,7 @@ def default_out_dir(weights: str, split: str, tta: bool) -> Path:
 def run(args) -> int:
     from ..data import PreparedData
     from ..errors import ScsonetError
-    from ..evaluation import evaluate, format_report, write_report
+    from ..evaluation import evaluate, evaluate_folder, format_report, write_report
     from ..models import load_model
     from .._device import resolve_device
 
@@ -49,17 +58,35 @@ def run(args) -> int:
         raise ScsonetError(f"--threshold {args.threshold} must lie strictly between 0 and 1")
     if args.batch_size < 1:
         raise ScsonetError(f"--batch-size {args.batch_size} must be at least 1")
+    folder = args.images is not None or args.masks is not None
+    if folder and (args.images is None or args.masks is None or args.data is not None):
+        raise ScsonetError("--images and --masks go together, without --data")
+    if not folder and args.data is None:
+        raise ScsonetError("name a prepared dataset (--data) or a labelled folder (--images with --masks)")
     device = resolve_device(args.device)
-    arrays = PreparedData(args.data).load(args.split)
-    loaded = load_model(args.weights, device)
-    report, rows = evaluate(loaded, arrays, batch_size=args.batch_size, device=device, tta=args.tta,
-                            threshold=args.threshold, hd95=args.hd95, split=args.split, progress=not args.json)
-    report["data"] = str(args.data)
-    out_dir = args.out or default_out_dir(args.weights, args.split, args.tta)
+    if folder:
+        loaded = load_model(args.weights, device)
+        report, rows = evaluate_folder(loaded, args.images, args.masks, batch_size=args.batch_size, device=device,
+                                       tta=args.tta, threshold=args.threshold, hd95=args.hd95,
+                                       skip_bad=args.skip_bad, progress=not args.json)
+        tag = args.images.resolve().name
+    else:
+        arrays = PreparedData(args.data).load(args.split)
+        loaded = load_model(args.weights, device)
+        report, rows = evaluate(loaded, arrays, batch_size=args.batch_size, device=device, tta=args.tta,
+                                threshold=args.threshold, hd95=args.hd95, split=args.split, progress=not args.json)
+        report["data"] = str(args.data)
+        tag = args.split
+    out_dir = args.out or default_out_dir(args.weights, tag, args.tta)
     report_path, rows_path = write_report(report, rows, out_dir)
     if args.json:
         print(json.dumps(report, indent=2))
     else:
         print(format_report(report))
+        for kind in ("skipped", "warnings", "notes"):  # as `data prepare` lists them
+            if report.get(kind):
+                print(f"{kind}: {len(report[kind])} (listed in {report_path})")
+                for item in report[kind][:5]:
+                    print(f"  {item['file']}: {item['reason']}" if isinstance(item, dict) else f"  {item}")
         print(f"\nreport: {report_path}\nper image: {rows_path}")
     return 0
