@@ -16,8 +16,12 @@ loss is weighted by its share of the batch. The optimiser step stays in the main
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import multiprocessing as mp
+import multiprocessing.connection
 import os
+import signal
+import sys
 import threading
 import traceback
 import weakref
@@ -191,10 +195,37 @@ def _flat_grads(params: list[nn.Parameter], out: torch.Tensor) -> None:
     torch.cat([p.new_zeros(p.numel()) if p.grad is None else p.grad.reshape(-1) for p in params], out=out)
 
 
-def _helper(rank: int, model: nn.Module, loss_fn: Callable, conn, barrier, shared: dict, timeout: float) -> None:
+def _die_with_parent(kernel_signal: bool) -> None:
+    """End this helper as soon as its parent dies, by whatever signal, SIGKILL included.
+
+    A helper waiting at a barrier, or on a lock its dead parent held, would otherwise live on
+    (for minutes, or for ever), holding its memory. On Linux the kernel sends SIGKILL when the
+    parent dies (``PR_SET_PDEATHSIG``); it watches the thread that spawned us, so the parent
+    asks for it only when that is its main thread. Everywhere, a daemon thread also waits on
+    the parent's sentinel (end of file, or a process handle, once the parent is gone).
+    """
+    parent = mp.parent_process()
+    if kernel_signal and sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    if parent is None:
+        return
+    if os.name == "posix" and os.getppid() != parent.pid:  # it died before the signal was armed
+        os._exit(1)
+
+    def watch() -> None:
+        mp.connection.wait([parent.sentinel])
+        os._exit(1)
+
+    threading.Thread(target=watch, name="scsonet-parent-watch", daemon=True).start()
+
+
+def _helper(rank: int, model: nn.Module, loss_fn: Callable, conn, barrier, shared: dict, timeout: float,
+            kernel_signal: bool = False) -> None:
     """A helper process: on each message, the gradient of its slice; None ends it."""
     from .fast import tune_cpu_allocator
 
+    _die_with_parent(kernel_signal)
     torch.set_num_threads(1)
     tune_cpu_allocator()
     # Parameters stay shared; buffers (running statistics) are the main process's to update.
@@ -272,7 +303,8 @@ class SplitBatchStep:
         self._conns, self._procs = [], []
         for rank in range(1, processes):
             parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_helper, args=(rank, model, loss_fn, child, self._barrier, self._shared, timeout),
+            proc = ctx.Process(target=_helper, args=(rank, model, loss_fn, child, self._barrier, self._shared, timeout,
+                                                     threading.current_thread() is threading.main_thread()),
                                daemon=True, name=f"scsonet-split-{rank}")
             proc.start()
             child.close()
