@@ -202,7 +202,9 @@ def _die_with_parent(kernel_signal: bool) -> None:
     (for minutes, or for ever), holding its memory. On Linux the kernel sends SIGKILL when the
     parent dies (``PR_SET_PDEATHSIG``); it watches the thread that spawned us, so the parent
     asks for it only when that is its main thread. Everywhere, a daemon thread also waits on
-    the parent's sentinel (end of file, or a process handle, once the parent is gone).
+    the parent's sentinel (end of file, or a process handle, once the parent is gone). Once the
+    parent and the helpers are gone, multiprocessing's resource tracker reads the end of its pipe,
+    unlinks the barrier's semaphores and exits too (``tests/test_process_lifetime.py``).
     """
     parent = mp.parent_process()
     if kernel_signal and sys.platform.startswith("linux"):
