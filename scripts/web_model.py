@@ -1,0 +1,92 @@
+"""Build the model the web page serves (web/model/scsonet.onnx) with `scsonet export`, and check it.
+
+    .venv/bin/python scripts/web_model.py            # export when missing or stale, else do nothing
+    .venv/bin/python scripts/web_model.py --check    # exit 1 when missing or stale (what the build runs)
+
+A sidecar, web/model/scsonet.json, records the SHA-256 of the shipped weights and model card the
+export came from, and of the ONNX file itself; the model is stale when any of them differs.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT_DIR = ROOT / "web" / "model"
+WEIGHTS = "scsonet-isic2017"
+# The export the page serves; `--no-reparameterize` or not is chosen by benchmarks/browser_latency.mjs.
+EXPORT_ARGS = ["--no-reparameterize"]
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def sources(weights: str = WEIGHTS) -> dict[str, str]:
+    """SHA-256 of the weights file and model card that an export of ``weights`` reads."""
+    from scsonet.models._loading import PRETRAINED
+
+    member = PRETRAINED[weights]
+    return {"weights_file": member.path.name, "weights_sha256": sha256(member.path),
+            "card_sha256": sha256(member.value.card_path)}
+
+
+def problems(out_dir: Path = OUT_DIR, expected: dict[str, str] | None = None) -> list[str]:
+    """Why the model in ``out_dir`` cannot be served as it is (empty: it is fresh)."""
+    model, sidecar = out_dir / "scsonet.onnx", out_dir / "scsonet.json"
+    if not model.is_file() or not sidecar.is_file():
+        return [f"{model} or {sidecar.name} is missing"]
+    try:
+        recorded = json.loads(sidecar.read_text())
+    except ValueError as err:
+        return [f"{sidecar}: not JSON ({err})"]
+    expected = sources() if expected is None else expected
+    found = [f"{sidecar}: {key} is {recorded.get(key)!r}, the shipped file's is {value!r}"
+             for key, value in expected.items() if recorded.get(key) != value]
+    if recorded.get("onnx_sha256") != sha256(model):
+        found.append(f"{model} is not the file that {sidecar.name} describes (onnx_sha256 differs)")
+    if recorded.get("export_args") != EXPORT_ARGS:
+        found.append(f"{sidecar}: exported with {recorded.get('export_args')}, the page wants {EXPORT_ARGS}")
+    return found
+
+
+def build(out_dir: Path = OUT_DIR) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = out_dir / "scsonet.onnx"
+    scsonet = Path(sys.executable).with_name("scsonet")
+    subprocess.run([str(scsonet), "export", "--weights", WEIGHTS, "--format", "onnx", *EXPORT_ARGS,
+                    "--out", str(model)], check=True)
+    record = {**sources(), "onnx_sha256": sha256(model), "export_args": EXPORT_ARGS,
+              "command": f"scsonet export --weights {WEIGHTS} --format onnx {' '.join(EXPORT_ARGS)}".strip()}
+    from scsonet._io import write_json_atomic
+
+    write_json_atomic(out_dir / "scsonet.json", record)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="only check; exit 1 when missing or stale")
+    parser.add_argument("--force", action="store_true", help="export even when fresh")
+    parser.add_argument("--out-dir", type=Path, default=OUT_DIR, help="(web/model)")
+    args = parser.parse_args(argv)
+    found = problems(args.out_dir)
+    if args.check:
+        for line in found:
+            print(f"web_model: stale: {line}; run `bash scripts/web_model`", file=sys.stderr)
+        return 1 if found else 0
+    if found or args.force:
+        build(args.out_dir)
+        left = problems(args.out_dir)
+        if left:
+            print(f"web_model: error: {left[0]}", file=sys.stderr)
+            return 2
+    print(f"web_model: {args.out_dir / 'scsonet.onnx'} is fresh")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,252 @@
+// The page: load the model once, then photo -> outline, all in this tab. Nothing is sent anywhere.
+import * as ort from './ort/ort.wasm.min.mjs';
+import { modelInfo, normalize, onnxMetadata, paintOutline, resizeFloat, resizeRGBA, sigmoid,
+  threshold } from './pipeline.js';
+import { encodeGrayPNG } from './png.js';
+
+const $ = (id) => document.getElementById(id);
+const params = new URLSearchParams(location.search);
+const MODEL_URL = 'model/scsonet.onnx';
+const DISPLAY_MAX = 2048;  // longest side drawn on the page; downloads keep the photo's own size
+
+class UserError extends Error {}
+
+function setStatus(text) { $('status').textContent = text; }
+
+function showError(text) {
+  $('error').textContent = text;
+  $('error').hidden = !text;
+  document.body.dataset.state = text ? 'error' : document.body.dataset.state;
+}
+
+function hasWebAssembly() {
+  try {
+    // The smallest valid module: magic number and version.
+    return typeof WebAssembly === 'object' && WebAssembly.validate(new Uint8Array([0, 97, 115, 109, 1, 0, 0, 0]));
+  } catch { return false; }
+}
+
+// Threads need a cross-origin isolated page (SharedArrayBuffer); `?threads=N` overrides.
+function threadCount() {
+  if (params.has('threads')) return Math.max(1, Number(params.get('threads')) | 0);
+  return self.crossOriginIsolated ? Math.min(4, navigator.hardwareConcurrency || 1) : 1;
+}
+
+async function loadModel() {
+  const response = await fetch(MODEL_URL);
+  if (!response.ok) throw new Error(`cannot load the model (${MODEL_URL}: HTTP ${response.status})`);
+  const bytes = new Uint8Array(await response.arrayBuffer());
+  const info = modelInfo(onnxMetadata(bytes));
+  ort.env.wasm.numThreads = threadCount();
+  ort.env.wasm.wasmPaths = new URL('./ort/', import.meta.url).href;
+  const session = await ort.InferenceSession.create(bytes, {
+    executionProviders: ['wasm'],
+    graphOptimizationLevel: 'all',
+    // Pinning every axis lets the optimiser fold the shape arithmetic away.
+    freeDimensionOverrides: { batch: 1, height: info.height, width: info.width },
+  });
+  const model = { session, info, input: session.inputNames[0], output: session.outputNames[0] };
+  await runModel(model, new Float32Array(3 * info.height * info.width));  // the first run allocates
+  return model;
+}
+
+async function runModel(model, x) {
+  const { info } = model;
+  const feeds = { [model.input]: new ort.Tensor('float32', x, [1, 3, info.height, info.width]) };
+  const results = await model.session.run(feeds);
+  return results[model.output].data;
+}
+
+async function decode(file) {
+  try {
+    return await createImageBitmap(file, { imageOrientation: 'from-image', colorSpaceConversion: 'none',
+      premultiplyAlpha: 'none' });
+  } catch {
+    const name = file.name || 'the file';
+    if (file.type && !file.type.startsWith('image/')) {
+      throw new UserError(`“${name}” is not an image (${file.type}). Choose a photo: JPEG, PNG or WebP.`);
+    }
+    throw new UserError(`“${name}” cannot be read as an image: it is not one, it is damaged, or its format ` +
+      'is one this browser cannot decode (such as HEIC). Choose a JPEG, PNG or WebP photo.');
+  }
+}
+
+function rgbaOf(bitmap, width = bitmap.width, height = bitmap.height) {
+  const canvas = new OffscreenCanvas(width, height);
+  const ctx = canvas.getContext('2d', { willReadFrequently: true });
+  ctx.imageSmoothingQuality = 'high';
+  ctx.drawImage(bitmap, 0, 0, width, height);
+  return ctx.getImageData(0, 0, width, height).data;
+}
+
+// The whole of `scsonet predict` for one photo: resize, normalise, model, sigmoid, resize back, threshold.
+async function segment(model, bitmap) {
+  const { info } = model, { width, height } = bitmap;
+  const rgba = rgbaOf(bitmap);
+  const x = normalize(resizeRGBA(rgba, width, height, info.width, info.height), info.width, info.height,
+    info.mean, info.std);
+  const t = performance.now();
+  const logits = await runModel(model, x);
+  const modelMs = performance.now() - t;
+  const probs = sigmoid(logits);
+  const { mask, summary } = threshold(resizeFloat(probs, info.width, info.height, width, height), width, height,
+    info.threshold);
+  return { rgba, probs, mask, summary, modelMs };
+}
+
+function noLesionLabel(ctx, height) {
+  const size = Math.max(12, Math.floor(height / 16)), margin = Math.max(2, Math.floor(height / 64));
+  ctx.font = `${size}px sans-serif`;
+  ctx.textBaseline = 'top';
+  const w = ctx.measureText('no lesion found').width;
+  ctx.fillStyle = '#000';
+  ctx.fillRect(0, 0, w + 2 * margin + margin, size + 3 * margin);
+  ctx.fillStyle = '#ff0';
+  ctx.fillText('no lesion found', margin, margin);
+}
+
+// The photo with the outline, at most DISPLAY_MAX on its longest side: a large photo is drawn
+// smaller and outlined from the probabilities resized to that size (the downloads are full size).
+function drawView(model, bitmap, result) {
+  const { width, height } = bitmap, { info } = model;
+  const scale = Math.min(1, DISPLAY_MAX / Math.max(width, height));
+  const w = Math.max(1, Math.round(width * scale)), h = Math.max(1, Math.round(height * scale));
+  const canvas = $('view');
+  canvas.width = w;
+  canvas.height = h;
+  const ctx = canvas.getContext('2d');
+  let rgba, mask;
+  if (scale === 1) {
+    rgba = new Uint8ClampedArray(result.rgba);
+    mask = result.mask;
+  } else {
+    rgba = rgbaOf(bitmap, w, h);
+    mask = threshold(resizeFloat(result.probs, info.width, info.height, w, h), w, h, info.threshold).mask;
+  }
+  if (result.summary.lesion_found) paintOutline(rgba, mask, w, h);
+  ctx.putImageData(new ImageData(rgba, w, h), 0, 0);
+  if (!result.summary.lesion_found) noLesionLabel(ctx, h);
+}
+
+function fmt(n, digits = 0) { return n.toLocaleString('en', { maximumFractionDigits: digits, minimumFractionDigits: digits }); }
+
+function showFigures() {
+  const s = state.result?.summary;
+  if (!s) return;
+  $('area-px').textContent = `${fmt(s.lesion_area_px)} px`;
+  const perMm = Number($('scale').value);
+  $('area-mm').textContent = perMm > 0 ? `${fmt(s.lesion_area_px / (perMm * perMm), 1)} mm²` : 'give a scale above';
+  $('fraction').textContent = `${fmt(100 * s.lesion_fraction, 1)} %`;
+  $('confidence').textContent = s.mean_confidence === null ? '–' : `${fmt(100 * s.mean_confidence, 1)} %`;
+  $('size').textContent = `${s.width} × ${s.height} px`;
+}
+
+const state = { model: null, busy: false, pending: null, result: null, name: 'photo', maskUrl: null };
+
+async function handle(file) {
+  if (!state.model) return;
+  if (state.busy) { state.pending = file; return; }
+  state.busy = true;
+  document.body.dataset.state = 'busy';
+  showError('');
+  setStatus(`Outlining ${file.name || 'the photo'}…`);
+  const t0 = performance.now();
+  try {
+    const bitmap = await decode(file);
+    const result = await segment(state.model, bitmap);
+    drawView(state.model, bitmap, result);
+    const totalMs = performance.now() - t0;
+    bitmap.close();
+    state.result = { ...result, width: bitmap.width, height: bitmap.height };
+    state.name = (file.name || 'photo').replace(/\.[^.]*$/, '') || 'photo';
+    $('result').hidden = false;
+    $('caption').textContent = result.summary.lesion_found
+      ? `${file.name || 'Photo'}: the lesion outlined in green.` : `${file.name || 'Photo'}: no lesion found.`;
+    showFigures();
+    const mask = result.mask.map((v) => v * 255);
+    if (state.maskUrl) URL.revokeObjectURL(state.maskUrl);
+    state.maskUrl = URL.createObjectURL(await encodeGrayPNG(mask, result.summary.width, result.summary.height));
+    $('download-mask').href = state.maskUrl;
+    $('download-mask').download = `${state.name}_mask.png`;
+    Object.assign($('result').dataset, { totalMs: totalMs.toFixed(1), modelMs: result.modelMs.toFixed(1),
+      areaPx: result.summary.lesion_area_px, file: file.name || '' });
+    setStatus(`Outlined in ${fmt(totalMs)} ms (the model itself: ${fmt(result.modelMs, 1)} ms), on this device.`);
+    document.body.dataset.state = 'done';
+  } catch (err) {
+    setStatus('');
+    showError(err instanceof UserError ? err.message : `Something went wrong: ${err.message || err}`);
+    if (!(err instanceof UserError)) console.error(err);
+  } finally {
+    state.busy = false;
+    if (state.pending) { const next = state.pending; state.pending = null; handle(next); }
+  }
+}
+
+async function downloadOverlay() {
+  const r = state.result;
+  if (!r) return;
+  const canvas = new OffscreenCanvas(r.width, r.height), ctx = canvas.getContext('2d');
+  const rgba = new Uint8ClampedArray(r.rgba);
+  if (r.summary.lesion_found) paintOutline(rgba, r.mask, r.width, r.height);
+  ctx.putImageData(new ImageData(rgba, r.width, r.height), 0, 0);
+  if (!r.summary.lesion_found) noLesionLabel(ctx, r.height);
+  const url = URL.createObjectURL(await canvas.convertToBlob({ type: 'image/png' }));
+  const a = Object.assign(document.createElement('a'), { href: url, download: `${state.name}_overlay.png` });
+  document.body.append(a);
+  a.click();
+  a.remove();
+  setTimeout(() => URL.revokeObjectURL(url), 60_000);
+}
+
+function wire() {
+  for (const id of ['file', 'camera']) {
+    $(id).addEventListener('change', (e) => { const f = e.target.files[0]; if (f) handle(f); e.target.value = ''; });
+  }
+  $('sample').addEventListener('click', async () => {
+    const blob = await (await fetch('sample.jpg')).blob();
+    handle(new File([blob], 'ISIC_0012656.jpg', { type: blob.type }));
+  });
+  $('scale').addEventListener('input', showFigures);
+  $('download-overlay').addEventListener('click', downloadOverlay);
+  const drop = $('drop');
+  document.addEventListener('dragover', (e) => { e.preventDefault(); drop.classList.add('over'); });
+  document.addEventListener('dragleave', (e) => { if (!e.relatedTarget) drop.classList.remove('over'); });
+  document.addEventListener('drop', (e) => {
+    e.preventDefault();
+    drop.classList.remove('over');
+    const f = e.dataTransfer?.files?.[0];
+    if (f) handle(f);
+  });
+}
+
+async function main() {
+  if (!hasWebAssembly()) {
+    setStatus('');
+    showError('This browser cannot run the model: it has no WebAssembly (or it is switched off, as some ' +
+      'strict security settings do). Use a current Chrome, Edge, Firefox or Safari.');
+    for (const el of document.querySelectorAll('#input input, #input button')) el.disabled = true;
+    return;
+  }
+  wire();
+  if ('serviceWorker' in navigator) {
+    navigator.serviceWorker.register('sw.js').catch((err) => console.warn('no offline copy:', err));
+  }
+  try {
+    state.model = await loadModel();
+  } catch (err) {
+    setStatus('');
+    showError(`The model could not be loaded: ${err.message || err}`);
+    return;
+  }
+  const { info } = state.model;
+  $('model-info').textContent = `Model ${info.arch} (${info.weights}, scsonet ${info.version}), ` +
+    `${info.width}×${info.height} input, threshold ${info.threshold}; onnxruntime-web ${ort.env.versions?.web ?? ''} ` +
+    `WebAssembly, ${ort.env.wasm.numThreads} thread(s)${self.crossOriginIsolated ? '' : ' (page not cross-origin isolated)'}.`;
+  setStatus('Ready: choose, drop or take a photo.');
+  document.body.dataset.state = 'ready';
+  // For automation (tests, benchmarks): the loaded model and the pipeline.
+  window.scsonet = { ort, model: state.model, runModel: (x) => runModel(state.model, x), handle, decode,
+    segment: (bitmap) => segment(state.model, bitmap) };
+}
+
+main();

@@ -1,0 +1,265 @@
+// The steps of `scsonet predict` (src/scsonet/postprocess.py, inference.py, onnx_runtime.py) in
+// plain JavaScript, with no DOM: the model's metadata, Pillow's resampling, normalisation, the
+// sigmoid, thresholding, lesion figures and the outline. Each matches the Python step bit for bit
+// where Python's result is integer (resized pixels, masks) and in float32 where it is float.
+
+// ---- ONNX metadata: ModelProto field 14, repeated StringStringEntryProto {1: key, 2: value} ----
+
+function readVarint(bytes, pos) {
+  let value = 0, shift = 1;
+  for (;;) {
+    const b = bytes[pos++];
+    value += (b & 0x7f) * shift;  // arithmetic, not <<: lengths can pass 2^31 in theory
+    if (b < 0x80) return [value, pos];
+    shift *= 128;
+  }
+}
+
+// Calls visit(field, wireType, start, end) for each length-delimited field of a protobuf message;
+// skips the others. The graph (field 7) is skipped by its length, so this is fast on any model.
+function eachField(bytes, start, end, visit) {
+  let pos = start;
+  while (pos < end) {
+    let key;
+    [key, pos] = readVarint(bytes, pos);
+    const field = Math.floor(key / 8), wire = key & 7;
+    if (wire === 0) [, pos] = readVarint(bytes, pos);
+    else if (wire === 1) pos += 8;
+    else if (wire === 5) pos += 4;
+    else if (wire === 2) {
+      let len;
+      [len, pos] = readVarint(bytes, pos);
+      visit(field, pos, pos + len);
+      pos += len;
+    } else throw new Error(`not an ONNX model (protobuf wire type ${wire})`);
+  }
+  if (pos !== end) throw new Error('not an ONNX model (truncated)');
+}
+
+export function onnxMetadata(buffer) {
+  const bytes = new Uint8Array(buffer), text = new TextDecoder(), meta = {};
+  eachField(bytes, 0, bytes.length, (field, start, end) => {
+    if (field !== 14) return;
+    let key = '', value = '';
+    eachField(bytes, start, end, (f, s, e) => {
+      if (f === 1) key = text.decode(bytes.subarray(s, e));
+      if (f === 2) value = text.decode(bytes.subarray(s, e));
+    });
+    meta[key] = value;
+  });
+  return meta;
+}
+
+// What the page needs from the metadata (as scsonet.onnx_runtime.ModelInfo reads it).
+export function modelInfo(meta) {
+  const missing = ['resize_size', 'mean', 'std', 'threshold'].filter((k) => !(k in meta));
+  if (missing.length) throw new Error(`the model's metadata lacks ${missing.join(', ')}; export it with \`scsonet export\``);
+  const [height, width] = JSON.parse(meta.resize_size);
+  return {
+    height, width, mean: JSON.parse(meta.mean), std: JSON.parse(meta.std), threshold: Number(meta.threshold),
+    arch: meta.arch || '?', weights: meta.weights || '?', version: meta.scsonet_version || '?',
+  };
+}
+
+// ---- Pillow's resampling (Resample.c), BILINEAR filter: antialiased when shrinking ----
+
+// For each output index: first input index, count, and normalised weights (ImagingResample's
+// precompute_coeffs); the same double arithmetic as the C code.
+function coefficients(inSize, outSize) {
+  const scale = inSize / outSize, filterscale = Math.max(scale, 1), support = filterscale;  // bilinear support 1
+  const ksize = Math.ceil(support) * 2 + 1;
+  const weights = new Float64Array(outSize * ksize), bounds = new Int32Array(outSize * 2);
+  for (let xx = 0; xx < outSize; xx++) {
+    const center = (xx + 0.5) * scale, ss = 1 / filterscale;
+    const xmin = Math.max(0, Math.trunc(center - support + 0.5));
+    const xmax = Math.min(inSize, Math.trunc(center + support + 0.5)) - xmin;
+    let ww = 0;
+    for (let x = 0; x < xmax; x++) {
+      const w = Math.max(0, 1 - Math.abs((x + xmin - center + 0.5) * ss));
+      weights[xx * ksize + x] = w;
+      ww += w;
+    }
+    if (ww !== 0) for (let x = 0; x < xmax; x++) weights[xx * ksize + x] /= ww;
+    bounds[xx * 2] = xmin;
+    bounds[xx * 2 + 1] = xmax;
+  }
+  return { ksize, weights, bounds };
+}
+
+const PRECISION_BITS = 22;  // 32 - 8 - 2, as Pillow's 8-bit path
+
+function fixedPoint(weights) {
+  const out = new Int32Array(weights.length);
+  for (let i = 0; i < weights.length; i++) {
+    out[i] = Math.trunc(weights[i] < 0 ? -0.5 + weights[i] * (1 << PRECISION_BITS) : 0.5 + weights[i] * (1 << PRECISION_BITS));
+  }
+  return out;
+}
+
+const clip8 = (v) => (v <= 0 ? 0 : v >= (256 << PRECISION_BITS) ? 255 : v >> PRECISION_BITS);
+
+// RGBA uint8 (width x height, 4 channels; alpha ignored) -> RGB uint8 (outW x outH x 3), as
+// Image.fromarray(rgb).resize((outW, outH), Image.BILINEAR): horizontal pass over the rows the
+// vertical pass reads, rounded to uint8, then the vertical pass.
+export function resizeRGBA(src, width, height, outW, outH) {
+  const needH = width !== outW, needV = height !== outH;
+  const vert = coefficients(height, outH);
+  const first = needH ? vert.bounds[0] : 0;
+  const last = needH ? vert.bounds[outH * 2 - 2] + vert.bounds[outH * 2 - 1] : height;
+  let tmp = new Uint8Array((last - first) * outW * 3), tmpW = outW;
+  if (needH) {
+    const { ksize, weights, bounds } = coefficients(width, outW), k = fixedPoint(weights);
+    const half = 1 << (PRECISION_BITS - 1);
+    for (let y = first, o = 0; y < last; y++) {
+      const row = y * width * 4;
+      for (let xx = 0; xx < outW; xx++, o += 3) {
+        const xmin = bounds[xx * 2], xmax = bounds[xx * 2 + 1], kb = xx * ksize;
+        let s0 = half, s1 = half, s2 = half;
+        for (let x = 0, p = row + xmin * 4; x < xmax; x++, p += 4) {
+          const w = k[kb + x];
+          s0 += src[p] * w; s1 += src[p + 1] * w; s2 += src[p + 2] * w;
+        }
+        tmp[o] = clip8(s0); tmp[o + 1] = clip8(s1); tmp[o + 2] = clip8(s2);
+      }
+    }
+  } else {  // the rows as they are, without alpha
+    tmpW = width;
+    for (let i = 0, o = 0; i < width * height * 4; i += 4, o += 3) { tmp[o] = src[i]; tmp[o + 1] = src[i + 1]; tmp[o + 2] = src[i + 2]; }
+  }
+  if (!needV) return tmp;
+  const out = new Uint8Array(outW * outH * 3), k = fixedPoint(vert.weights), half = 1 << (PRECISION_BITS - 1);
+  const rowLen = tmpW * 3;
+  for (let yy = 0; yy < outH; yy++) {
+    const ymin = vert.bounds[yy * 2] - first, ymax = vert.bounds[yy * 2 + 1], kb = yy * vert.ksize;
+    for (let c = 0; c < rowLen; c++) {
+      let s = half;
+      for (let y = 0, p = ymin * rowLen + c; y < ymax; y++, p += rowLen) s += tmp[p] * k[kb + y];
+      out[yy * rowLen + c] = clip8(s);
+    }
+  }
+  return out;
+}
+
+// Float32 map (width x height) -> (outW x outH), as Image.fromarray(float32).resize(..., BILINEAR):
+// double sums, stored as float32 after each pass.
+export function resizeFloat(src, width, height, outW, outH) {
+  let cur = src, curW = width;
+  if (width !== outW) {
+    const { ksize, weights, bounds } = coefficients(width, outW);
+    const out = new Float32Array(outW * height);
+    for (let y = 0; y < height; y++) {
+      const row = y * width;
+      for (let xx = 0; xx < outW; xx++) {
+        const xmin = bounds[xx * 2], xmax = bounds[xx * 2 + 1], kb = xx * ksize;
+        let s = 0;
+        for (let x = 0; x < xmax; x++) s += cur[row + xmin + x] * weights[kb + x];
+        out[y * outW + xx] = s;
+      }
+    }
+    cur = out; curW = outW;
+  }
+  if (height !== outH) {
+    const { ksize, weights, bounds } = coefficients(height, outH);
+    const out = new Float32Array(curW * outH);
+    for (let yy = 0; yy < outH; yy++) {
+      const ymin = bounds[yy * 2], ymax = bounds[yy * 2 + 1], kb = yy * ksize, o = yy * curW;
+      for (let x = 0; x < curW; x++) {
+        let s = 0;
+        for (let y = 0, p = ymin * curW + x; y < ymax; y++, p += curW) s += cur[p] * weights[kb + y];
+        out[o + x] = s;
+      }
+    }
+    cur = out;
+  }
+  return cur;
+}
+
+// ---- the model's input and output ----
+
+// RGB uint8 (HWC) -> float32 NCHW, (x - 255 mean) / (255 std) in float32 as OrtSegmenter.normalize.
+export function normalize(rgb, width, height, mean, std) {
+  const n = width * height, out = new Float32Array(3 * n), f = Math.fround;
+  for (let c = 0; c < 3; c++) {
+    const shift = f(f(mean[c]) * 255), scale = f(f(std[c]) * 255);
+    for (let i = 0; i < n; i++) out[c * n + i] = f(rgb[i * 3 + c] - shift) / scale;
+  }
+  return out;
+}
+
+// Logits -> float32 probabilities (scsonet.onnx_runtime.sigmoid, in float32).
+export function sigmoid(logits) {
+  const out = new Float32Array(logits.length);
+  for (let i = 0; i < logits.length; i++) {
+    const f = Math.fround, e = f(Math.exp(-Math.abs(logits[i]))), d = f(1 + e);
+    out[i] = logits[i] >= 0 ? 1 / d : e / d;  // float32 steps, as numpy on float32 arrays
+  }
+  return out;
+}
+
+// Mask (0/1 bytes) and its figures, as scsonet.postprocess.summarize.
+export function threshold(probs, width, height, t) {
+  const mask = new Uint8Array(width * height);
+  let area = 0, sum = 0, x0 = width, y0 = height, x1 = -1, y1 = -1;
+  for (let y = 0, i = 0; y < height; y++) {
+    for (let x = 0; x < width; x++, i++) {
+      if (probs[i] >= t) {
+        mask[i] = 1; area++; sum += probs[i];
+        if (x < x0) x0 = x;
+        if (x > x1) x1 = x;
+        if (y < y0) y0 = y;
+        y1 = y;
+      }
+    }
+  }
+  const summary = {
+    width, height, lesion_found: area > 0, lesion_area_px: area, lesion_fraction: area / (width * height),
+    bbox: area ? [x0, y0, x1 + 1, y1 + 1] : null, mean_confidence: area ? Math.round(sum / area * 1e6) / 1e6 : null,
+  };
+  return { mask, summary };
+}
+
+// ---- the outline (scsonet.postprocess.outline_width, erode, outline) ----
+
+// Python's round(): halves go to the even neighbour.
+function roundHalfEven(x) {
+  const r = Math.round(x);
+  return Math.abs(x % 1) === 0.5 && r % 2 !== 0 ? r - 1 : r;
+}
+
+export const outlineWidth = (height, width) => Math.max(3, roundHalfEven(Math.max(height, width) / 512));
+
+// Erosion by a (2r+1) square with the border repeated: a pixel stays when its window, clipped to
+// the image, holds no background. One axis at a time, each by a running count of background.
+function erodeAxis(mask, width, height, r, horizontal) {
+  const out = new Uint8Array(mask.length);
+  const lines = horizontal ? height : width, len = horizontal ? width : height;
+  const step = horizontal ? 1 : width, lineStep = horizontal ? width : 1;
+  const zeros = new Int32Array(len + 1);
+  for (let l = 0; l < lines; l++) {
+    const base = l * lineStep;
+    for (let i = 0; i < len; i++) zeros[i + 1] = zeros[i] + (mask[base + i * step] ? 0 : 1);
+    for (let i = 0; i < len; i++) {
+      const lo = Math.max(0, i - r), hi = Math.min(len, i + r + 1);
+      out[base + i * step] = zeros[hi] - zeros[lo] === 0 ? 1 : 0;
+    }
+  }
+  return out;
+}
+
+// The band of `width` pixels just inside the mask's edge (0/1 bytes); the image border is no edge.
+export function outline(mask, w, h, band) {
+  const eroded = erodeAxis(erodeAxis(mask, w, h, band, true), w, h, band, false);
+  for (let i = 0; i < eroded.length; i++) eroded[i] = mask[i] & (eroded[i] ^ 1);
+  return eroded;
+}
+
+export const OUTLINE_COLOR = [0, 255, 0];
+
+// RGBA image with the outline painted in (in place), as scsonet.postprocess.draw_overlay.
+export function paintOutline(rgba, mask, width, height) {
+  const band = outline(mask, width, height, outlineWidth(height, width));
+  for (let i = 0, p = 0; i < band.length; i++, p += 4) {
+    if (band[i]) { rgba[p] = OUTLINE_COLOR[0]; rgba[p + 1] = OUTLINE_COLOR[1]; rgba[p + 2] = OUTLINE_COLOR[2]; rgba[p + 3] = 255; }
+  }
+  return rgba;
+}

@@ -1,0 +1,157 @@
+// The page in real headless Chromium (the system's): masks against `scsonet predict --backend
+// onnxruntime`, no request to another origin, offline use, bad files, a 12 MP photo, a browser
+// without WebAssembly, and screenshots. `node test/browser.test.mjs [--screenshots DIR] [--work DIR]`
+// (after `npm run model && npm run build`); exit status 1 when a check fails.
+import { spawnSync } from 'node:child_process';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { ROOT, WEB, downloadedMask, openPage, start, upload, waitState } from './harness.mjs';
+import { readPNGChannel0 } from './pngread.mjs';
+
+const arg = (name, fallback) => { const i = process.argv.indexOf(name); return i > 0 ? process.argv[i + 1] : fallback; };
+const SHOTS = path.resolve(arg('--screenshots', path.join(ROOT, 'docs/web')));
+const WORK = path.resolve(arg('--work', fs.mkdtempSync(path.join(os.tmpdir(), 'scsonet-web-'))));
+const PYTHON = path.join(ROOT, '.venv/bin/python');
+const MIN_AGREEMENT = 0.999;
+const SAMPLES = fs.readdirSync(path.join(ROOT, 'src/scsonet/samples')).filter((f) => f.endsWith('.jpg')).sort()
+  .map((f) => path.join(ROOT, 'src/scsonet/samples', f));
+
+const results = [];
+function check(name, ok, detail = '') {
+  results.push({ name, ok: Boolean(ok), detail });
+  console.log(`${ok ? 'ok  ' : 'FAIL'} ${name}${detail ? `: ${detail}` : ''}`);
+}
+
+function run(cmd, args) {
+  const r = spawnSync(cmd, args, { encoding: 'utf8' });
+  if (r.status !== 0) throw new Error(`${cmd} ${args.join(' ')} failed (${r.status}):\n${r.stdout}\n${r.stderr}`);
+  return r.stdout;
+}
+
+// The inputs besides the samples: a 12 MP JPEG (a sample enlarged to 4000 x 3000), a text file,
+// and a "JPEG" that is not one.
+function makeInputs() {
+  const big = path.join(WORK, 'large_12mp.jpg');
+  run(PYTHON, ['-c', `from PIL import Image; Image.open(${JSON.stringify(SAMPLES[1])}).convert('RGB')` +
+    `.resize((4000, 3000), Image.BICUBIC).save(${JSON.stringify(big)}, quality=90)`]);
+  const text = path.join(WORK, 'notes.txt');
+  fs.writeFileSync(text, 'not a photo\n');
+  const broken = path.join(WORK, 'broken.jpg');
+  fs.writeFileSync(broken, Buffer.concat([Buffer.from([0xff, 0xd8, 0xff, 0xe0]), Buffer.alloc(2000, 7)]));
+  return { big, text, broken };
+}
+
+function pythonMasks(inputs) {
+  const out = path.join(WORK, 'python');
+  run(path.join(ROOT, '.venv/bin/scsonet'), ['predict', '--backend', 'onnxruntime', '--weights',
+    path.join(WEB, 'dist/model/scsonet.onnx'), '--batch-size', '1', '--quiet', '--out', out, ...inputs]);
+  return (file) => readPNGChannel0(fs.readFileSync(path.join(out, `${path.parse(file).name}_mask.png`)));
+}
+
+function agreement(a, b) {
+  if (a.width !== b.width || a.height !== b.height) return 0;
+  let same = 0;
+  for (let i = 0; i < a.data.length; i++) same += (a.data[i] > 127) === (b.data[i] > 127);
+  return same / a.data.length;
+}
+
+async function segmentAndCompare(page, file, reference, label) {
+  const state = await upload(page, file);
+  if (state !== 'done') {
+    check(`${label} ${path.basename(file)} outlined`, false, await page.$eval('#error', (e) => e.textContent));
+    return null;
+  }
+  const mask = readPNGChannel0(await downloadedMask(page));
+  const fraction = agreement(mask, reference(file));
+  const ms = await page.$eval('#result', (e) => Number(e.dataset.totalMs));
+  check(`${label} ${path.basename(file)}: mask agrees with scsonet predict --backend onnxruntime`,
+    fraction >= MIN_AGREEMENT, `${(100 * fraction).toFixed(4)} % of ${mask.width}x${mask.height} px, ${ms.toFixed(0)} ms`);
+  return { fraction, ms };
+}
+
+async function main() {
+  const inputs = makeInputs();
+  const reference = pythonMasks([...SAMPLES, inputs.big]);
+  const h = await start();
+  try {
+    const { page, requests, errors } = await openPage(h.context);
+    await page.goto(h.url);
+    check('page loads the model', (await waitState(page, ['ready', 'error'], 120_000)) === 'ready',
+      await page.$eval('#model-info', (e) => e.textContent));
+    check('page is cross-origin isolated (threads)', await page.evaluate(() => self.crossOriginIsolated));
+    check('page says nothing leaves the device', /never leaves this device/.test(await page.$eval('#privacy', (e) => e.textContent)));
+
+    for (const file of SAMPLES) await segmentAndCompare(page, file, reference, 'online');
+
+    await page.screenshot({ path: path.join(SHOTS, 'desktop.png') });
+
+    const big = await segmentAndCompare(page, inputs.big, reference, '12 MP JPEG');
+    if (big) {
+      const size = await page.$eval('#size', (e) => e.textContent);
+      check('12 MP JPEG outlined at its own size', /4000 × 3000/.test(size), `${size}, ${big.ms.toFixed(0)} ms photo to outline`);
+    }
+
+    check('a text file gets its message', (await upload(page, inputs.text)) === 'error' &&
+      /is not an image/.test(await page.$eval('#error', (e) => e.textContent)), await page.$eval('#error', (e) => e.textContent));
+    check('an undecodable .jpg gets its message', (await upload(page, inputs.broken)) === 'error' &&
+      /cannot be read as an image/.test(await page.$eval('#error', (e) => e.textContent)), await page.$eval('#error', (e) => e.textContent));
+
+    // Offline: the service worker has cached everything; reload with the network off.
+    await page.evaluate(() => navigator.serviceWorker.ready);
+    await page.setOfflineMode(true);
+    const response = await page.reload();
+    check('offline reload is served by the service worker', response?.fromServiceWorker(), `status ${response?.status()}`);
+    check('offline: the model loads', (await waitState(page, ['ready', 'error'], 120_000)) === 'ready');
+    for (const file of SAMPLES.slice(0, 2)) await segmentAndCompare(page, file, reference, 'offline');
+    await page.setOfflineMode(false);
+
+    const foreign = requests.filter((u) => !u.startsWith(h.url) && !u.startsWith('blob:') && !u.startsWith('data:'));
+    check('no request to another origin (page and workers)', foreign.length === 0, `${requests.length} requests, foreign: ${foreign.join(' ') || 'none'}`);
+    check('no request reached the outside (proxy of the browser context)', h.spy.seen.length === 0, h.spy.seen.join(' ') || 'none');
+    check('no error in the page console', errors.length === 0, errors.join(' | '));
+    await page.close();
+
+    // The detector itself: a request to another origin from a page without the CSP does reach it.
+    const probe = await openPage(h.context, { before: (p) => p.setBypassCSP(true) });
+    await probe.page.goto(h.url);
+    await probe.page.evaluate(() => fetch('http://example.invalid/probe').catch(() => null));
+    check('the proxy sees a request to another origin when one is made', h.spy.seen.some((s) => s.includes('example.invalid')));
+    await probe.page.close();
+
+    // Phone-sized screenshot, the sample outlined through the keyboard ("Try the sample" by Tab + Enter).
+    const phone = await openPage(h.context, { viewport: { width: 390, height: 844, deviceScaleFactor: 2, isMobile: true, hasTouch: true } });
+    await phone.page.goto(h.url);
+    await waitState(phone.page, ['ready'], 120_000);
+    let focused = '';
+    for (let i = 0; i < 6 && focused !== 'sample'; i++) {
+      await phone.page.keyboard.press('Tab');
+      focused = await phone.page.evaluate(() => document.activeElement?.id);
+    }
+    await phone.page.keyboard.press('Enter');
+    check('keyboard: Tab reaches "Try the sample" and Enter outlines it',
+      focused === 'sample' && (await waitState(phone.page, ['done', 'error'])) === 'done', `focused #${focused}`);
+    await phone.page.type('#scale', '20');
+    check('area in mm² from the scale', /mm²/.test(await phone.page.$eval('#area-mm', (e) => e.textContent)),
+      await phone.page.$eval('#area-mm', (e) => e.textContent));
+    await phone.page.screenshot({ path: path.join(SHOTS, 'phone.png'), fullPage: true });
+    await phone.page.close();
+
+    // A browser without WebAssembly.
+    const nowasm = await openPage(h.context, { before: (p) => p.evaluateOnNewDocument(() => { delete globalThis.WebAssembly; }) });
+    await nowasm.page.goto(h.url);
+    check('no WebAssembly: the page says so', (await waitState(nowasm.page, ['error'])) === 'error' &&
+      /no WebAssembly/.test(await nowasm.page.$eval('#error', (e) => e.textContent)));
+    await nowasm.page.close();
+  } finally {
+    await h.close();
+  }
+  const failed = results.filter((r) => !r.ok);
+  fs.writeFileSync(path.join(WORK, 'report.json'), JSON.stringify(results, null, 2));
+  console.log(`browser tests: ${results.length - failed.length} passed, ${failed.length} failed (details in ${WORK}/report.json)`);
+  process.exit(failed.length ? 1 : 0);
+}
+
+fs.mkdirSync(SHOTS, { recursive: true });
+fs.mkdirSync(WORK, { recursive: true });
+main().catch((err) => { console.error(`browser tests: error: ${err.stack || err}`); process.exit(1); });
