@@ -21,6 +21,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import onnxruntime as ort
 
+from ._checks import check_preprocessing
 from .errors import ScsonetError
 from .imageio import ImageLike, to_rgb_array
 
@@ -54,12 +55,16 @@ class ModelInfo:
         if missing:
             raise ScsonetError(f"{source}: ONNX metadata lacks {', '.join(missing)}; "
                                "export the model with `scsonet export`")
-        try:
-            return cls(tuple(json.loads(metadata["resize_size"])), tuple(json.loads(metadata["mean"])),
-                       tuple(json.loads(metadata["std"])), float(metadata["threshold"]),
-                       metadata.get("arch", "?"), metadata.get("weights", "?"))
-        except (ValueError, TypeError) as err:
-            raise ScsonetError(f"{source}: malformed scsonet metadata in the ONNX model ({err})") from None
+        pre = {}
+        for key in REQUIRED_METADATA:  # JSON text, then checked as a checkpoint's values are
+            try:
+                pre[key] = json.loads(metadata[key])
+            except ValueError as err:
+                raise ScsonetError(f"{source}: malformed scsonet metadata in the ONNX model "
+                                   f"({key}={metadata[key][:40]!r}: {err})") from None
+        pre = check_preprocessing(pre, source)  # before any session or buffer is sized by it
+        return cls(tuple(pre["resize_size"]), tuple(pre["mean"]), tuple(pre["std"]), pre["threshold"],
+                   metadata.get("arch", "?"), metadata.get("weights", "?"))
 
 
 def session_options(threads: Optional[int] = None, fixed_size: Optional[Sequence[int]] = None,

@@ -5,13 +5,11 @@ with ``scsonet.evaluation.evaluate`` (what ``scsonet evaluate`` runs) and stores
 """
 from __future__ import annotations
 
-import json
 import subprocess
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from ._checks import check_preprocessing
 from ._io import atomic_path, write_json_atomic
 from .complexity import count_macs, count_params
 from .errors import ScsonetError
@@ -37,18 +35,20 @@ def pack_weights(checkpoint: str | Path, data: str | Path, out: str | Path, *, d
 
     from .data import PreparedData
     from .models import load_model
+    from .models._loading import checkpoint_model, read_checkpoint
 
     checkpoint, out = Path(checkpoint), Path(out)
     if out.suffix != ".safetensors":
         raise ScsonetError(f"{out}: the weights file must end in .safetensors")
-    loaded = load_model(checkpoint)
-    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    ckpt = read_checkpoint(checkpoint, require=("epoch",))
+    loaded = checkpoint_model(ckpt, str(checkpoint))  # checks every value the card copies
     model = loaded.model
     config = ckpt.get("config", {})
-    pre = ckpt["preprocessing"]
+    pre = check_preprocessing(ckpt["preprocessing"], str(checkpoint))  # checked, in plain lists
+    threshold = pre.pop("threshold", 0.5)
     card: dict[str, Any] = {
         "arch": ckpt["model_name"],
-        "model_args": ckpt["model_args"],
+        "model_args": ckpt.get("model_args", {}),
         "preprocessing": pre,
         "num_params": count_params(model),
         "categories": ["background", "lesion"],
@@ -57,12 +57,12 @@ def pack_weights(checkpoint: str | Path, data: str | Path, out: str | Path, *, d
         "mean": pre["mean"],
         "std": pre["std"],
         "interpolation": "bilinear",
-        "threshold": 0.5,
+        "threshold": threshold,
         "protocol": ckpt.get("protocol"),
         "license": LICENSE,
         "first_conv": "encoder.0.block",
         "classifier": "segmentation_head",
-        "recipe": {"config": config, "protocol": ckpt.get("protocol"), "selected_on": ckpt.get("select_split"),
+        "recipe": {"config": config, "protocol": ckpt.get("protocol"), "selected_on": loaded.meta.get("select_split"),
                    "best_epoch": ckpt["epoch"] + 1, "best_select_dsc": ckpt.get("best_val_dsc"),
                    "trained_at_commit": trained_at_commit},
         "_ops_macs": count_macs(model, tuple(pre["resize_size"])),
@@ -104,7 +104,6 @@ def card_markdown(card: dict[str, Any]) -> str:
 
 
 def load_card(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise ScsonetError(f"{path}: model card not found")
-    return json.loads(path.read_text())
+    from .models._loading import read_card
+
+    return read_card(Path(path))

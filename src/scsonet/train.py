@@ -35,6 +35,7 @@ from .evaluation import evaluate, write_report
 from .fast import optimizer_options, prepare_for_training
 from .losses import BceDiceLoss
 from .models import create_model
+from .models._loading import build_model, read_checkpoint
 from .models.egeunet import deep_supervision_loss
 from .parallel import ModelLoss, SplitBatchStep, cpu_budget
 
@@ -94,7 +95,10 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         key, sep, raw = item.partition("=")
         if not sep:
             raise ScsonetError(f"--set {item!r}: expected key=value")
-        values[key.strip()] = yaml.safe_load(raw)
+        try:
+            values[key.strip()] = yaml.safe_load(raw)
+        except yaml.YAMLError as err:
+            raise ScsonetError(f"--set {item!r}: the value is not valid YAML ({str(err).splitlines()[0]})") from None
     defaults = TrainConfig()
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     checked = {}
@@ -104,6 +108,9 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         expected = type(getattr(defaults, key))
         if expected is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
+        if expected is float and isinstance(value, str):  # YAML reads 1e-5 (no dot) as a string
+            with contextlib.suppress(ValueError):
+                value = float(value)
         if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
             raise ScsonetError(f"config {key}={value!r}: expected {expected.__name__}")
         checked[key] = value
@@ -114,7 +121,34 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         raise ScsonetError(f"config amp={cfg.amp!r}: choose from off, bf16")
     if cfg.processes < 0:
         raise ScsonetError(f"config processes={cfg.processes}: expected 0 (automatic), 1 (off) or more")
+    check_config(cfg)
     return cfg
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """The ranges of the numeric settings, then the model built once (on the CPU: it is small) from
+    ``model`` and ``model_args``: a bad value stops here, before any data is read or file written."""
+    finite = math.isfinite
+    rules = (
+        ("epochs", cfg.epochs >= 1, "an integer >= 1"),
+        ("batch_size", cfg.batch_size >= 1, "an integer >= 1"),
+        ("eval_batch_size", cfg.eval_batch_size >= 1, "an integer >= 1"),
+        ("eval_every", cfg.eval_every >= 1, "an integer >= 1 (epochs)"),
+        ("t_max", cfg.t_max >= 1, "an integer >= 1 (epochs)"),
+        ("seed", 0 <= cfg.seed < 2**32, "an integer in 0..2**32-1"),  # what every RNG in use accepts
+        ("threads", cfg.threads >= 0, "an integer >= 0 (0 = torch's default)"),
+        ("lr", finite(cfg.lr) and cfg.lr > 0, "a finite number > 0"),
+        ("eta_min", finite(cfg.eta_min) and 0 <= cfg.eta_min <= cfg.lr, f"a finite number in 0..lr ({cfg.lr:g})"),
+        ("weight_decay", finite(cfg.weight_decay) and cfg.weight_decay >= 0, "a finite number >= 0"),
+        ("bce_weight", finite(cfg.bce_weight) and cfg.bce_weight >= 0, "a finite number >= 0"),
+        ("dice_weight", finite(cfg.dice_weight) and cfg.dice_weight >= 0, "a finite number >= 0"),
+        ("dice_weight", cfg.bce_weight > 0 or cfg.dice_weight > 0, "a number > 0 when bce_weight is 0 (no loss)"),
+        ("max_minutes", finite(cfg.max_minutes) and cfg.max_minutes >= 0, "a finite number >= 0 (0 = no budget)"),
+    )
+    for key, ok, expected in rules:
+        if not ok:
+            raise ScsonetError(f"config {key}={getattr(cfg, key)!r}: expected {expected}")
+    build_model(cfg.model, cfg.model_args, "config")
 
 
 def get_lr(epoch: int, cfg: TrainConfig) -> float:
@@ -221,7 +255,7 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> Path:
         run_dir = Path(resume)
         if not (run_dir / "last.pt").is_file():
             raise ScsonetError(f"{run_dir}: no last.pt to resume from")
-        ckpt = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=False)
+        ckpt = read_checkpoint(run_dir / "last.pt", require=("model", "optimizer", "epoch", "best_val_dsc", "history"))
     else:
         run_name = cfg.run_name or f"{cfg.model}-{cfg.protocol}-s{cfg.seed}"
         run_dir = Path(cfg.out_dir) / run_name

@@ -27,6 +27,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .. import __version__
+from .._checks import MIN_SIDE
 from .._io import atomic_dir
 from ..errors import ScsonetError
 from .decode import read_image, read_mask
@@ -37,6 +38,11 @@ from .splits import SPLITS, check_split_file, random_split, read_split_file
 FORMAT = "scsonet-prepared-v1"
 MANIFEST = "manifest.json"
 _SHOWN_PROBLEMS = 3  # an error line names this many bad inputs, then counts the rest
+# Largest prepared side. The models pad to multiples of 32 inside, so any side from MIN_SIDE
+# runs; but each split is held in memory as uint8 arrays, here and in training: at 2048 x 2048
+# an image is 12 MiB and ISIC 2017's 2,150 pairs 27 GB (the paper trains at 256). A larger
+# value is a typo: --size 1000000 would ask for terabytes.
+MAX_PREPARED_SIDE = 2048
 
 
 def sha256_file(path: str | Path) -> str:
@@ -60,8 +66,8 @@ def parse_size(size: int | str | Sequence[int]) -> tuple[int, int]:
         parts = []
     if len(parts) == 1:
         parts *= 2
-    if len(parts) != 2 or min(parts) < 1:
-        raise ScsonetError(f"size {size!r} is not N or HxW with positive integers")
+    if len(parts) != 2 or not all(MIN_SIDE <= p <= MAX_PREPARED_SIDE for p in parts):
+        raise ScsonetError(f"size {size!r}: expected N or HxW with sides in {MIN_SIDE}..{MAX_PREPARED_SIDE}")
     return parts[0], parts[1]
 
 
