@@ -1,0 +1,106 @@
+"""benchmarks/robustness.py end to end on a tiny prepared folder: rows, files, the predictor hook."""
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+SIDE = 48
+
+PREDICTOR_FILE = '''
+import numpy as np
+
+def make(weights, device, tta):
+    """Lesion where red > 200: perfect on the synthetic images, blind once they are darkened."""
+    calls.append((weights, device, tta))
+    return lambda images: [(im[..., 0] > 200).astype(np.float32) for im in images]
+
+calls = []
+'''
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("robustness", ROOT / "benchmarks" / "robustness.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> Path:
+    from scsonet.data import prepare_dataset
+
+    root = tmp_path_factory.mktemp("robust")
+    rng = np.random.default_rng(0)
+    (root / "raw" / "images").mkdir(parents=True)
+    (root / "raw" / "masks").mkdir()
+    yy, xx = np.mgrid[:SIDE, :SIDE]
+    for k in range(16):
+        r = (2, 8, 18, 30)[k % 4]  # lesions in every size band
+        mask = ((yy - 24 - rng.integers(-3, 4)) ** 2 + (xx - 24) ** 2 <= r * r).astype(np.uint8)
+        image = rng.integers(60, 180, (SIDE, SIDE, 3), dtype=np.uint8)
+        image[..., 0] = np.where(mask > 0, 255, image[..., 0])
+        Image.fromarray(image).save(root / "raw" / "images" / f"c{k:02d}.png")
+        Image.fromarray(mask * 255).save(root / "raw" / "masks" / f"c{k:02d}.png")
+    prepare_dataset("folder", root / "raw", root / "prepared", size=SIDE, test_ratio=0.5, val_ratio=0.0,
+                    workers=1, progress=False)
+    return root / "prepared"
+
+
+def test_benchmark_writes_every_row_through_the_predictor_hook(prepared, tmp_path, capsys):
+    script = _script()
+    (tmp_path / "hook.py").write_text(PREDICTOR_FILE)
+    out = tmp_path / "docs" / "r.md"
+    argv = ["--weights", "a=w1", "--weights", "w2", "--data", str(prepared), "--split", "test", "--out", str(out),
+            "--predictor", f"{tmp_path / 'hook.py'}:make", "--device", "cpu", "--batch-size", "3"]
+    assert script.main(argv) == 0
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert list(report["weights"]) == ["a", "w2"] and report["n_images"] == 8
+    names = [s["name"] for s in report["shifts"]]
+    assert len(names) == 17 and names[0] == "none"
+    for label in ("a", "w2"):
+        rows = report["rows"][label]
+        assert rows["none"] == {"n": 8, "pooled_dsc": 1.0, "mean_dice": 1.0, "failure_rate": 0.0, "failures": 0}
+        assert rows["darker"]["failure_rate"] == 1.0  # the darkened images reached the predictor
+        assert rows["rot90"]["pooled_dsc"] == 1.0 and rows["jpeg30"]["n"] == 8
+        small = sum(f < 0.05 for f in report["lesion_fraction"])
+        assert rows["small_lesions"]["n"] == rows["band <5 %"]["n"] == small > 0
+        assert sum(rows[f"band {b}"]["n"] for b in ("<5 %", "5-30 %", "30-60 %", ">60 %")) == 8
+        per_image = report["per_image"][label]
+        assert set(per_image) == set(names) and all(len(per_image[n]["dice"]) == rows[n]["n"] for n in names)
+        assert per_image["small_lesions"]["index"] == [i for i, f in enumerate(report["lesion_fraction"]) if f < 0.05]
+    md = out.read_text()
+    assert all(s["label"] in md for s in report["shifts"]) and "| >60 % |" in md and report["command"] in md
+    with open(out.with_suffix(".csv")) as f:
+        assert len(list(csv.DictReader(f))) == 2 * (17 + 4)
+
+
+def test_default_predictor_is_the_predict_path_and_bad_options_fail_cleanly(prepared, tmp_path, capsys):
+    import torch
+
+    from scsonet.models import create_model
+
+    torch.manual_seed(0)
+    checkpoint = tmp_path / "best.pt"
+    torch.save({"model": create_model("scsonet").state_dict(), "model_name": "scsonet", "model_args": {},
+                "preprocessing": {"resize_size": [32, 32], "mean": [0.5] * 3, "std": [0.5] * 3}}, checkpoint)
+    script = _script()
+    out = tmp_path / "v.md"
+    assert script.main(["--weights", str(checkpoint), "--data", str(prepared), "--split", "test", "--out", str(out),
+                        "--shifts", "none,zoom_out_skin_3", "--limit", "4", "--device", "cpu"]) == 0
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert [s["name"] for s in report["shifts"]] == ["none", "zoom_out_skin_3"] and report["n_images"] == 4
+    assert "predict_probabilities" in report["predictor"]
+    capsys.readouterr()
+    for extra, needle in ((["--shifts", "nope"], "nope"), (["--predictor", "nomodule"], "--predictor"),
+                          (["--out", str(tmp_path / "x.txt")], ".md")):
+        argv = ["--weights", str(checkpoint), "--data", str(prepared), "--out", str(out), *extra]
+        assert script.main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert needle in err and "\n" not in err
