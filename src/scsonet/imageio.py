@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import glob
 import os
+import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence, Union
@@ -52,17 +54,37 @@ def _pil_to_rgb(img: Image.Image) -> np.ndarray:
     return np.asarray(img.convert("RGB"))
 
 
+def _too_many_pixels(path: Path, err: Exception) -> ScsonetError:
+    # Pillow names the pixel count only in its message; the limit is its warning threshold (at 2x
+    # it raises instead of warning, but both are refused here).
+    count = re.search(r"\((\d+) pixels\)", str(err))
+    size = f"{int(count[1]) / 1e6:.1f} megapixels" if count else "too many pixels"
+    limit = Image.MAX_IMAGE_PIXELS or 0
+    return ScsonetError(f"{path}: image of {size} is over the limit of {limit / 1e6:.1f} megapixels "
+                        f"({limit} pixels; a decompression bomb, or downscale it first)")
+
+
 def read_image(path: str | os.PathLike) -> np.ndarray:
     """Decode ``path`` fully, apply its EXIF orientation and return (H, W, 3) uint8 RGB.
 
+    Images over Pillow's ``Image.MAX_IMAGE_PIXELS`` (89.5 megapixels by default, 3 x a 30 MP
+    dermoscope photo) are refused before they are decoded: at that size Pillow only warns, but
+    decoding and segmenting one takes gigabytes, and a tiny file can claim any size.
+
     Raises:
-        ScsonetError: one line naming the file (missing, not an image, truncated, unsupported).
+        ScsonetError: one line naming the file (missing, not an image, truncated, unsupported,
+            too many pixels, not enough memory).
     """
     path = Path(path)
     if not path.is_file():
         raise ScsonetError(f"{path}: no such file" if not path.exists() else f"{path}: not a file")
+    size = None
     try:
-        with Image.open(path) as img:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(path)
+        with img:
+            size = img.size
             if img.format not in _PIL_FORMATS:
                 raise ScsonetError(f"{path}: {img.format} images are not supported ({_KINDS})")
             img.load()  # decode now: a truncated file fails here, not later
@@ -70,6 +92,11 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
             rgb = _pil_to_rgb(img)
     except UnidentifiedImageError:
         raise ScsonetError(f"{path}: not a {_KINDS} image (cannot identify the file's format)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise _too_many_pixels(path, err) from None
+    except MemoryError:
+        shape = f"{size[0]}x{size[1]} " if size else ""
+        raise ScsonetError(f"{path}: not enough memory to decode this {shape}image") from None
     except (OSError, ValueError, SyntaxError) as err:  # Pillow's decoders raise all three on corrupt data
         raise ScsonetError(f"{path}: truncated or corrupt image ({err})") from None
     if rgb.shape[0] == 0 or rgb.shape[1] == 0:

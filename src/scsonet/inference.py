@@ -8,6 +8,7 @@ thresholding. Importing this module does not import torch (only ``TorchSegmenter
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
 import io
@@ -16,7 +17,7 @@ import os
 import sys
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Optional, Protocol, Sequence
 
 import numpy as np
 from PIL import Image
@@ -27,17 +28,24 @@ from .imageio import IMAGE_SUFFIXES, ImageLike, expand_inputs, read_image, to_rg
 from .postprocess import (draw_overlay, probabilities_to_uint8, resize_image, resize_probabilities,
                           summarize)
 
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; see _Journal
+    fcntl = None
+
 if TYPE_CHECKING:
     import torch
 
     from .models import LoadedModel
 
-__all__ = ["RESULT_FIELDS", "Segmenter", "TorchSegmenter", "predict_files", "predict_probabilities",
-           "sample_images", "segment"]
+__all__ = ["JOURNAL_NAME", "PredictRows", "RESULT_FIELDS", "Segmenter", "TorchSegmenter", "predict_files",
+           "predict_probabilities", "sample_images", "segment"]
 
 RESULT_FIELDS = ["file", "status", "error", "width", "height", "lesion_found", "lesion_area_px",
                  "lesion_fraction", "bbox", "mean_confidence"]
 PROBABILITY_FORMATS = ("png", "npy")
+JOURNAL_NAME = "results.jsonl"  # in --out: one line per finished input, every run's
+_O_BINARY = getattr(os, "O_BINARY", 0)  # Windows would otherwise translate the newlines
 
 
 class Segmenter(Protocol):
@@ -143,31 +151,150 @@ def _error_row(file: str, message: str) -> dict[str, Any]:
     return row
 
 
-def _write_results(out_dir: Path, settings: dict[str, Any], rows: list[dict[str, Any]]) -> None:
-    write_json_atomic(out_dir / "results.json", {"settings": settings, "images": rows})
-    buf = io.StringIO()
-    columns = [c for c in RESULT_FIELDS if c != "bbox"] + ["bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1"]
-    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        bbox = row["bbox"] or [None] * 4
-        writer.writerow({**{c: row[c] for c in RESULT_FIELDS if c != "bbox"},
-                         **dict(zip(columns[-4:], bbox))})
-    write_text_atomic(out_dir / "results.csv", buf.getvalue())
+class PredictRows(list):
+    """``predict_files``' rows; ``already_done`` counts those reused from an earlier run (--continue)."""
+
+    already_done: int = 0
 
 
-def _previous_rows(out_dir: Path, settings: dict[str, Any], log) -> dict[str, dict[str, Any]]:
-    """Successful rows of an earlier run into ``out_dir`` with the same settings, by file."""
+class _Journal:
+    """``OUT/results.jsonl``, the record every run into ``OUT`` appends to: one JSON line per
+    finished input (its row and the run's settings), written after the image's outputs and synced
+    to disk before the next image starts, so nothing finished is lost to kill -9 or a power cut.
+
+    An exclusive ``flock`` on ``OUT/.results.lock`` serialises appends and the rebuilds of
+    results.csv/json between concurrent runs. Where ``fcntl`` is missing (Windows) there is no
+    lock: each line is still one O_APPEND write, but two runs rebuilding at once may drop rows
+    from results.csv/json until the next run rebuilds them from the journal.
+    """
+
+    def __init__(self, out_dir: Path):
+        self.path = out_dir / JOURNAL_NAME
+        self._fd: Optional[int] = None
+        try:  # also the check that --out is writable, before any image is read
+            self._lock_fd = os.open(out_dir / ".results.lock", os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as err:
+            raise ScsonetError(f"cannot write in the output folder ({out_dir}: {err.strerror or err})") from None
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        if fcntl is None:
+            yield
+            return
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+
+    def append(self, row: dict[str, Any], settings: dict[str, Any]) -> None:
+        line = (json.dumps({**row, "settings": settings}) + "\n").encode()
+        try:
+            with self.locked():
+                if self._fd is None:
+                    created = not self.path.exists()
+                    self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | _O_BINARY, 0o666)
+                    if created:
+                        _fsync_dir(self.path.parent)
+                end = os.fstat(self._fd).st_size
+                if end:
+                    os.lseek(self._fd, end - 1, os.SEEK_SET)  # O_APPEND writes ignore this position
+                    if os.read(self._fd, 1) != b"\n":
+                        line = b"\n" + line  # a run killed mid-append left a torn line: end it, never extend it
+                view = memoryview(line)
+                while view:
+                    view = view[os.write(self._fd, view):]
+                os.fsync(self._fd)
+        except OSError as err:
+            raise ScsonetError(f"cannot record results in {self.path} ({err.strerror or err})") from None
+
+    def read_unlocked(self) -> list[dict[str, Any]]:
+        """Every well-formed line, in order; call it holding ``locked()``. A torn or damaged line
+        is skipped: its image counts as not done."""
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return []
+        except OSError as err:
+            raise ScsonetError(f"cannot read {self.path} ({err.strerror or err})") from None
+        entries = []
+        for line in data.split(b"\n"):
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if (isinstance(entry, dict) and isinstance(entry.get("file"), str)
+                    and entry.get("status") in ("ok", "error") and isinstance(entry.get("settings"), dict)
+                    and all(key in entry for key in RESULT_FIELDS)):
+                entries.append(entry)
+        return entries
+
+    def read(self) -> list[dict[str, Any]]:
+        with self.locked():
+            return self.read_unlocked()
+
+    def close(self) -> None:
+        for fd in (self._fd, self._lock_fd):
+            if fd is not None:
+                os.close(fd)
+        self._fd = None
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a new entry in ``folder`` durable; a no-op where folders cannot be synced (Windows)."""
     try:
-        previous = json.loads((out_dir / "results.json").read_text())
-        old_settings, rows = previous["settings"], previous["images"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return {}
-    if old_settings != settings:
-        log(f"note: settings differ from the earlier run in {out_dir} ({old_settings} -> {settings}); "
-            "predicting every image again")
-        return {}
-    return {row["file"]: row for row in rows if row.get("status") == "ok"}
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _current_entries(entries: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each file's latest journal entry, in order of first appearance, less ok entries whose outputs
+    a later ok entry of another file with the same stem (from another run) has overwritten."""
+    latest: dict[str, dict[str, Any]] = {}
+    owner: dict[str, str] = {}  # output stem -> file whose outputs are in the folder now
+    for entry in entries:
+        latest[entry["file"]] = entry
+        if entry["status"] == "ok":
+            owner[Path(entry["file"]).stem] = entry["file"]
+    return {file: entry for file, entry in latest.items()
+            if entry["status"] != "ok" or owner[Path(file).stem] == file}
+
+
+def _as_row(entry: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
+    row = {key: entry[key] for key in RESULT_FIELDS}
+    if entry["settings"] != settings:
+        row["settings"] = entry["settings"]
+    return row
+
+
+def _write_results(journal: _Journal, settings: dict[str, Any], first: Sequence[str]) -> None:
+    """Rebuild results.json and results.csv from the whole journal (every run's rows)."""
+    out_dir = journal.path.parent
+    columns = [c for c in RESULT_FIELDS if c != "bbox"] + ["bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1", "settings"]
+    try:
+        with journal.locked():
+            current = _current_entries(journal.read_unlocked())
+            files = [f for f in dict.fromkeys(first) if f in current] + [f for f in current if f not in set(first)]
+            rows = [_as_row(current[f], settings) for f in files]
+            write_json_atomic(out_dir / "results.json", {"settings": settings, "images": rows})
+            buf = io.StringIO()
+            writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+            writer.writeheader()
+            for row in rows:
+                bbox = row["bbox"] or [None] * 4
+                writer.writerow({**{c: row[c] for c in RESULT_FIELDS if c != "bbox"},
+                                 **dict(zip(columns[-5:-1], bbox)),
+                                 "settings": json.dumps(row["settings"]) if "settings" in row else ""})
+            write_text_atomic(out_dir / "results.csv", buf.getvalue())
+    except OSError as err:
+        raise ScsonetError(f"cannot write results.csv/json in {out_dir} ({err.strerror or err})") from None
 
 
 def _segment_and_save(path: Path, outputs: dict[str, Path], rgb: np.ndarray, probs: np.ndarray,
@@ -177,21 +304,45 @@ def _segment_and_save(path: Path, outputs: dict[str, Path], rgb: np.ndarray, pro
     return {"file": str(path), "status": "ok", "error": "", **summarize(probs, mask).to_dict()}
 
 
+def _open_out_dir(out_dir: Path) -> _Journal:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ScsonetError(f"{out_dir}: is a file, not an output folder")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # a path under a file, a read-only place, ...
+        raise ScsonetError(f"cannot create the output folder ({out_dir}: {err.strerror or err})") from None
+    return _Journal(out_dir)
+
+
 def predict_files(inputs: Sequence[str | os.PathLike], segmenter: Segmenter, out_dir: str | os.PathLike, *,
                   threshold: float = 0.5, batch_size: int = 8, save_probabilities: Optional[str] = None,
                   skip_existing: bool = False, progress: bool = True,
-                  settings: Optional[dict[str, Any]] = None) -> list[dict[str, Any]]:
-    """Segment image files, folders and globs; write masks, overlays and ``results.{json,csv}``.
+                  settings: Optional[dict[str, Any]] = None) -> PredictRows:
+    """Segment image files, folders and globs; write masks, overlays and ``results.{jsonl,json,csv}``.
 
     Per image in ``out_dir``: ``<stem>_mask.png`` (0/255), ``<stem>_overlay.png`` (outline, or a
     "no lesion found" label) and, with ``save_probabilities`` ("png" 0..255 or "npy" float32),
-    ``<stem>_prob.<ext>``. A bad input is reported on stderr in one line and becomes an error row;
-    the others are still done. ``skip_existing`` reuses the rows of images whose outputs an
-    earlier run with the same ``settings`` (backend, weights, ...) and threshold wrote. Every file
-    is written atomically.
+    ``<stem>_prob.<ext>``, each written atomically. A bad input of any kind (unreadable, truncated,
+    over the pixel limit, out of memory) is reported on stderr in one line and becomes an error
+    row; the others are still done.
+
+    The folder's record: as each input is finished, its row (with the run's ``settings``:
+    backend, weights, ..., threshold) is appended to ``results.jsonl`` and synced to disk, after
+    its outputs. A line cut short by a kill is ignored. ``results.json`` and ``results.csv`` are
+    rebuilt from the whole journal (every run into the folder, concurrent ones included) at the
+    end, and also when the run is interrupted (KeyboardInterrupt, SystemExit); they hold each
+    file's latest row, this run's inputs first, in input order, then the folder's other files.
+    A file whose outputs another file with the same stem overwrote in a later run is dropped.
+    ``results.json`` is ``{"settings": this run's settings, "images": rows}``; a row made with
+    other settings carries them as its own ``"settings"`` key (in results.csv, a JSON
+    ``settings`` column, empty for rows made with this run's settings).
+
+    ``skip_existing`` (--continue) reuses an image's row when its latest journal row is ok, has
+    the same ``settings`` and its outputs (as this call would write them) exist.
 
     Returns:
-        One row per input image, and one per input that yields none; keys ``RESULT_FIELDS``.
+        This run's rows, one per input image and one per input that yields none, in input order;
+        keys ``RESULT_FIELDS``; ``.already_done`` counts the reused ones.
     """
     from tqdm import tqdm
 
@@ -202,62 +353,107 @@ def predict_files(inputs: Sequence[str | os.PathLike], segmenter: Segmenter, out
     if batch_size < 1:
         raise ScsonetError(f"batch size {batch_size} must be at least 1")
     out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ScsonetError(f"{out_dir}: is a file, not an output folder")
     settings = {**(settings or {}), "threshold": threshold}
-    rows: dict[str, dict[str, Any]] = {}  # by file, filled in any order, written in input order
+    journal = _open_out_dir(out_dir)
+    rows: dict[str, dict[str, Any]] = {}  # by file, filled in any order, returned in input order
 
     def log(message: str, stream=sys.stdout) -> None:
         tqdm.write(message, file=stream)
 
+    def record(row: dict[str, Any]) -> None:
+        journal.append(row, settings)
+        rows[row["file"]] = row
+
     def fail(file: str, message: str) -> None:
         log(f"error: {message}", sys.stderr)
-        rows[file] = _error_row(file, message)
+        record(_error_row(file, message))
 
-    paths, input_errors = expand_inputs(inputs)
-    order = [err.source for err in input_errors] + [str(p) for p in paths]
-    for err in input_errors:
-        fail(err.source, err.message)
-    previous = _previous_rows(out_dir, settings, log) if skip_existing else {}
-
-    todo: list[tuple[Path, dict[str, Path]]] = []
-    owner_of_stem: dict[str, Path] = {}
-    for path in paths:
-        owner = owner_of_stem.setdefault(path.stem, path)
-        outputs = _output_paths(out_dir, path.stem, save_probabilities)
-        if owner != path:
-            fail(str(path), f"{path}: its outputs would overwrite those of {owner} ({outputs['mask'].name}); "
-                            "predict it into another --out folder")
-        elif str(path) in previous and all(p.exists() for p in outputs.values()):
-            rows[str(path)] = previous[str(path)]
-        else:
-            todo.append((path, outputs))
-    if skip_existing and previous:
-        log(f"--continue: {len(paths) - len(todo)} image(s) already done in {out_dir}")
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    bar = tqdm(total=len(todo), unit="image", disable=not progress or len(todo) < 2, file=sys.stderr)
+    order: list[str] = []
+    bar, reused = None, 0
     try:
+        paths, input_errors = expand_inputs(inputs)
+        order = [err.source for err in input_errors] + [str(p) for p in paths]
+        for err in input_errors:
+            fail(err.source, err.message)
+        current = _current_entries(journal.read()) if skip_existing else {}
+
+        todo: list[tuple[Path, dict[str, Path]]] = []
+        owner_of_stem: dict[str, Path] = {}
+        other_settings = 0
+        for path in paths:
+            owner = owner_of_stem.setdefault(path.stem, path)
+            outputs = _output_paths(out_dir, path.stem, save_probabilities)
+            entry = current.get(str(path))
+            ok_before = entry is not None and entry["status"] == "ok"
+            if owner != path:
+                fail(str(path), f"{path}: its outputs would overwrite those of {owner} ({outputs['mask'].name}); "
+                                "predict it into another --out folder")
+            elif ok_before and entry["settings"] == settings and all(p.exists() for p in outputs.values()):
+                rows[str(path)] = _as_row(entry, settings)
+                reused += 1
+            else:
+                if ok_before and entry["settings"] != settings:
+                    other_settings += 1
+                todo.append((path, outputs))
+        if other_settings:
+            log(f"note: {other_settings} image(s) were done in {out_dir} with other settings; predicting "
+                f"them again with {settings}")
+        if skip_existing and current:
+            log(f"--continue: {reused} image(s) already done in {out_dir}")
+
+        bar = tqdm(total=len(todo), unit="image", disable=not progress or len(todo) < 2, file=sys.stderr)
         for start in range(0, len(todo), batch_size):
             chunk = todo[start:start + batch_size]
             batch = []
             for path, outputs in chunk:
+                rgb = _read_or_fail(path, fail)
+                if rgb is not None:
+                    batch.append((path, outputs, rgb))
+            for (path, outputs, rgb), probs in _predict_or_fail(batch, segmenter, fail):
                 try:
-                    batch.append((path, outputs, read_image(path)))
-                except ScsonetError as err:
-                    fail(str(path), str(err))
-            all_probs = predict_probabilities([rgb for *_, rgb in batch], segmenter) if batch else []
-            for (path, outputs, rgb), probs in zip(batch, all_probs):
-                try:
-                    rows[str(path)] = row = _segment_and_save(path, outputs, rgb, probs, threshold)
+                    row = _segment_and_save(path, outputs, rgb, probs, threshold)
                 except OSError as err:
                     fail(str(path), f"{path}: cannot write its outputs in {out_dir} ({err})")
                     continue
+                except MemoryError:
+                    fail(str(path), f"{path}: not enough memory to write the outputs of its "
+                                    f"{rgb.shape[1]}x{rgb.shape[0]} pixels")
+                    continue
+                record(row)
                 if not row["lesion_found"]:
                     log(f"note: {path}: no lesion found (highest probability {probs.max():.3f} "
                         f"< threshold {threshold})")
             bar.update(len(chunk))
-    finally:  # an interrupted run still records what it finished, for --continue
-        bar.close()
-        _write_results(out_dir, settings, [rows[f] for f in order if f in rows])
-    return [rows[f] for f in order if f in rows]
+    finally:  # an interrupted run still rebuilds results.csv/json from what the folder finished
+        if bar is not None:
+            bar.close()
+        try:
+            _write_results(journal, settings, order)
+        finally:
+            journal.close()
+    result = PredictRows(rows[f] for f in order if f in rows)
+    result.already_done = reused
+    return result
+
+
+def _read_or_fail(path: Path, fail) -> Optional[np.ndarray]:
+    try:
+        return read_image(path)
+    except ScsonetError as err:
+        fail(str(path), str(err))
+    except Exception as err:  # a hostile file can trip any Pillow plugin; it must not stop the run
+        fail(str(path), f"{path}: cannot decode the image ({type(err).__name__}: {err})")
+    return None
+
+
+def _predict_or_fail(batch: list, segmenter: Segmenter, fail) -> list:
+    """``(item, probabilities)`` per image of ``batch``; on MemoryError the batch is redone one
+    image at a time, so only an image that does not fit on its own fails."""
+    try:
+        return list(zip(batch, predict_probabilities([rgb for *_, rgb in batch], segmenter))) if batch else []
+    except MemoryError:
+        if len(batch) == 1:
+            path, _, rgb = batch[0]
+            fail(str(path), f"{path}: not enough memory to segment its {rgb.shape[1]}x{rgb.shape[0]} pixels")
+            return []
+    return [pair for item in batch for pair in _predict_or_fail([item], segmenter, fail)]

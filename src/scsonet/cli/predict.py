@@ -1,6 +1,8 @@
 """``scsonet predict``: masks, outlined overlays and lesion figures for images, folders and globs."""
 from __future__ import annotations
 
+import signal
+import sys
 from pathlib import Path
 
 from ..errors import ScsonetError
@@ -10,8 +12,9 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "predict", help="segment images: binary masks, overlays and lesion figures",
         description="Segment dermoscopic images (JPEG/PNG/BMP/TIFF, any size and mode). Per image, writes "
-                    "<stem>_mask.png and <stem>_overlay.png into --out, and one row to results.csv and "
-                    "results.json. Exit status 1 if any input failed; the others are still done.")
+                    "<stem>_mask.png and <stem>_overlay.png into --out, and one row to results.jsonl as it goes "
+                    "(results.csv and results.json are rebuilt from it at the end; they list every image "
+                    "predicted into --out). Exit status 1 if any input failed; the others are still done.")
     p.add_argument("inputs", nargs="*", metavar="INPUT", help="image files, folders (not recursive) or glob patterns")
     p.add_argument("--out", "-o", type=Path, required=True, help="output folder (created if missing)")
     p.add_argument("--samples", action="store_true", help="also segment the sample images shipped with scsonet")
@@ -27,7 +30,7 @@ def register(subparsers) -> None:
     p.add_argument("--save-probabilities", nargs="?", const="png", choices=["png", "npy"], default=None,
                    help="also write <stem>_prob.png (0..255) or, with 'npy', float32 <stem>_prob.npy")
     p.add_argument("--continue", dest="skip_existing", action="store_true",
-                   help="skip images whose outputs an earlier run with the same settings wrote in --out")
+                   help="skip images that an earlier (or interrupted) run with the same settings finished in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -42,15 +45,35 @@ def run(args) -> int:
         segmenter, source = _onnxruntime_segmenter(args)
     else:
         segmenter, source = _torch_segmenter(args)
-    rows = predict_files(inputs, segmenter, args.out, threshold=args.threshold, batch_size=args.batch_size,
-                         save_probabilities=args.save_probabilities, skip_existing=args.skip_existing,
-                         progress=not args.quiet,
-                         settings={"backend": args.backend, "weights": source, "tta": args.tta})
+    previous = _terminate_on_sigterm()
+    try:
+        rows = predict_files(inputs, segmenter, args.out, threshold=args.threshold, batch_size=args.batch_size,
+                             save_probabilities=args.save_probabilities, skip_existing=args.skip_existing,
+                             progress=not args.quiet,
+                             settings={"backend": args.backend, "weights": source, "tta": args.tta})
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     failed = sum(row["status"] == "error" for row in rows)
     no_lesion = sum(row["status"] == "ok" and not row["lesion_found"] for row in rows)
-    print(f"{len(rows) - failed} image(s) segmented ({no_lesion} with no lesion found), {failed} failed; "
-          f"masks, overlays and results.csv in {args.out}")
+    done = f", {rows.already_done} already done" if args.skip_existing else ""
+    print(f"{len(rows) - failed - rows.already_done} image(s) segmented{done} ({no_lesion} with no lesion found), "
+          f"{failed} failed; masks, overlays and results.csv in {args.out}")
     return 1 if failed else 0
+
+
+def _terminate_on_sigterm():
+    """Make SIGTERM unwind like Ctrl-C (results.csv/json are rebuilt from the journal on the way
+    out; exit status 143); returns the previous handler, or None off the main thread."""
+    def terminate(signum, frame):
+        print("scsonet predict: terminated; finished images are recorded, rerun with --continue",
+              file=sys.stderr)
+        raise SystemExit(128 + signum)
+
+    try:
+        return signal.signal(signal.SIGTERM, terminate)
+    except ValueError:  # signal handlers can only be set from the main thread
+        return None
 
 
 def _torch_segmenter(args):
