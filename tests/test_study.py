@@ -14,6 +14,7 @@ from scsonet.cli.main import main
 from scsonet.errors import ScsonetError
 from scsonet.study import load_study, paired_bootstrap, read_records, rebuild, run_study, verdict
 from scsonet.train import TrainConfig
+from test_train import prepared  # noqa: F401  (a prepared synthetic 32x32 dataset, reused)
 
 N_IMAGES = 40
 RECIPE = {"protocol": "honest", "epochs": 50, "lr": 0.001, "t_max": 50, "eta_min": 1.0e-05}
@@ -240,3 +241,61 @@ def test_training_fills_table1_first_and_honours_only_and_max_runs(toy, monkeypa
     assert calls == [("scf_scconv", 1)]  # unet is GPU only; everything else is done
     with pytest.raises(ScsonetError, match="--only nope"):
         run_study(toy, only=["nope"])
+
+
+@pytest.fixture(scope="module")
+def trained_study(prepared, tmp_path_factory):
+    """A real (tiny) study: scsonet and egeunet, 1 epoch, two seeds, on 20 synthetic 32x32 images."""
+    root = tmp_path_factory.mktemp("study")
+    spec = {"name": "tiny", "data": str(prepared), "runs": str(root / "runs"), "out": str(root / "out"),
+            "recipe": {"protocol": "honest", "epochs": 1, "t_max": 1, "batch_size": 4},
+            "execution": {"device": "cpu", "processes": 1, "progress": False, "tensorboard": False,
+                          "eval_batch_size": 8},
+            "bootstrap": {"resamples": 200}, "latency": {"size": 32}, "qualitative": {"per_kind": 1},
+            "tables": [{"key": "table1", "title": "Table 1", "seeds": [1, 2], "rows": ["scsonet", "egeunet"]}]}
+    (root / "study.yaml").write_text(yaml.safe_dump(spec))
+    study = load_study(root / "study.yaml")
+    result = run_study(study, latency=False, log=lambda line: None)
+    return study, result
+
+
+@pytest.mark.slow
+def test_study_trains_missing_runs_and_draws_the_qualitative_figure(trained_study):
+    study, result = trained_study
+    assert result.trained == [("scsonet", 1), ("egeunet", 1), ("scsonet", 2), ("egeunet", 2)]
+    assert all(r.done for r in result.records.values())
+    png = study.out / "qualitative.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    before = png.stat().st_mtime_ns
+    again = run_study(study, train=False, log=lambda line: None)  # tables only: the figure is left alone
+    assert again.trained == [] and png.stat().st_mtime_ns == before and "qualitative.png" not in again.outputs
+
+
+@pytest.mark.slow
+def test_pack_best_of_runs_installs_named_weights(trained_study, prepared, tmp_path, monkeypatch, capsys):
+    from scsonet.evaluation import evaluate
+    from scsonet.models import PRETRAINED, load_model, load_pretrained
+    from scsonet.models._weights import Weights
+    from scsonet.data import PreparedData
+
+    study, _ = trained_study
+    monkeypatch.setattr(Weights, "path", property(lambda self: tmp_path / self.filename))
+    assert "egeunet-isic2017" not in PRETRAINED
+    with pytest.raises(ScsonetError, match="'egeunet-isic2017' are not in this installation"):
+        load_pretrained("egeunet-isic2017")
+    runs = [str(study.run_dir("egeunet", s)) for s in (1, 2)]
+    logs = {s: float(next(csv.DictReader(open(study.run_dir("egeunet", s) / "log.csv")))["select_dsc"]) for s in (1, 2)}
+    best = max((1, 2), key=lambda s: (logs[s], -s))
+    assert main(["weights", "pack", "--best-of", *runs, "--data", str(prepared),
+                 "--out", str(tmp_path / "egeunet_isic2017_v1.safetensors")]) == 0
+    capsys.readouterr()
+    assert "egeunet-isic2017" in PRETRAINED and "malunet-isic2017" not in PRETRAINED
+    card = PRETRAINED["egeunet-isic2017"].meta
+    assert card["arch"] == "egeunet" and card["recipe"]["config"]["seed"] == best
+    assert f"packed egeunet-honest-s{best}." in card["_docs"]
+    loaded = load_pretrained("egeunet-isic2017")
+    report, _ = evaluate(loaded, PreparedData(prepared).load("test"), split="test")
+    assert report["pooled"] == pytest.approx(card["_metrics"]["ISIC2017-test"]["pooled"])
+    assert load_model("egeunet-isic2017").name == "egeunet"
+    assert main(["weights", "show", "malunet-isic2017"]) == 2
+    assert "not installed" in capsys.readouterr().err

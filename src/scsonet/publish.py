@@ -5,9 +5,10 @@ with ``scsonet.evaluation.evaluate`` (what ``scsonet evaluate`` runs) and stores
 """
 from __future__ import annotations
 
+import csv
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from ._checks import check_preprocessing
 from ._io import atomic_path, write_json_atomic
@@ -86,6 +87,34 @@ def pack_weights(checkpoint: str | Path, data: str | Path, out: str | Path, *, d
     card["_packed_at_commit"] = _git_commit()
     write_json_atomic(card_path, card)
     return card
+
+
+def best_run(run_dirs: Sequence[str | Path]) -> tuple[Path, float]:
+    """The run (and its best val DSC) whose ``log.csv`` holds the highest DSC on val; ties: the first given.
+
+    Only runs that selected on val qualify (the honest protocol): choosing among runs by test would
+    leak the test split into the shipped weights.
+    """
+    best: tuple[Path, float] | None = None
+    for run in map(Path, run_dirs):
+        log = run / "log.csv"
+        try:
+            with open(log, newline="") as f:
+                rows = list(csv.DictReader(f))
+            scores = [float(r["select_dsc"]) for r in rows if r["select_split"] == "val"]
+        except FileNotFoundError:
+            raise ScsonetError(f"{log}: missing; not a run directory of scsonet train") from None
+        except (OSError, KeyError, ValueError, csv.Error) as err:
+            raise ScsonetError(f"{log}: not a training log ({type(err).__name__}: {err})") from None
+        if not rows or len(scores) != len(rows):
+            raise ScsonetError(f"{log}: the run did not select its checkpoint on val (honest protocol)")
+        if not (run / "best.pt").is_file():
+            raise ScsonetError(f"{run / 'best.pt'}: missing (checkpoints are not committed: pack where it trained)")
+        if best is None or max(scores) > best[1]:
+            best = (run, max(scores))
+    if best is None:
+        raise ScsonetError("no run directories given")
+    return best
 
 
 def card_markdown(card: dict[str, Any]) -> str:

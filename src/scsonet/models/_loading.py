@@ -27,10 +27,11 @@ from .._checks import check_preprocessing, check_threshold, is_finite, is_int, o
 from ..errors import ScsonetError
 from ..transforms import SegmentationPreset
 from ._registry import create_model, is_model, list_models
-from ._weights import SCSONet_Weights
+from ._weights import InstalledWeights, declared_weights
 
-# Names accepted by ``--weights`` / ``load_pretrained``, mapped to weights members.
-PRETRAINED = {"scsonet-isic2017": SCSONet_Weights.ISIC2017_V1}
+# Names accepted by ``--weights`` / ``load_pretrained``, mapped to weights members: those declared in
+# ``_weights`` whose card and file are installed (``scsonet weights pack`` installs one).
+PRETRAINED = InstalledWeights()
 
 
 @dataclass
@@ -186,9 +187,12 @@ def load_model(spec: str | Path, device: str | torch.device = "cpu") -> LoadedMo
         loaded = _from_card(weights.path, weights.meta, spec_str)
     else:
         path = Path(spec_str)
+        if not path.exists() and spec_str in declared_weights():
+            raise ScsonetError(f"pretrained weights {spec_str!r} are not in this installation "
+                               f"({declared_weights()[spec_str].path} and its card)")
         if not path.exists():
-            names = ", ".join(PRETRAINED)
-            raise ScsonetError(f"weights {spec_str!r}: no such file, and not a pretrained name ({names})")
+            raise ScsonetError(f"weights {spec_str!r}: no such file, and not a pretrained name "
+                               f"({PRETRAINED.choices()})")
         if path.suffix == ".safetensors":
             card_path = path.with_suffix(".json")
             if not card_path.exists():
@@ -202,6 +206,6 @@ def load_model(spec: str | Path, device: str | torch.device = "cpu") -> LoadedMo
 
 def load_pretrained(name: str = "scsonet-isic2017", device: str | torch.device = "cpu") -> LoadedModel:
     """The shipped weights by name, ready for inference, with their preprocessing."""
-    if name not in PRETRAINED:
-        raise ScsonetError(f"unknown pretrained weights {name!r}; choose from {', '.join(PRETRAINED)}")
+    if name not in PRETRAINED and name not in declared_weights():
+        raise ScsonetError(f"unknown pretrained weights {name!r}; choose from {PRETRAINED.choices()}")
     return load_model(name, device)

@@ -6,12 +6,12 @@ card (``<name>.json``) that holds the preprocessing, the recipe and the measured
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
-from functools import cached_property
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch.nn as nn
 
@@ -37,9 +37,16 @@ class Weights:
     def card_path(self) -> Path:
         return self.path.with_suffix(".json")
 
-    @cached_property
+    @property
+    def installed(self) -> bool:
+        """Both the weights file and its card are in the package (a card is written last by a pack)."""
+        return self.path.is_file() and self.card_path.is_file()
+
+    @property
     def meta(self) -> dict[str, Any]:
-        """The model card: preprocessing, recipe, metrics. Empty until the weights are trained."""
+        """The model card: preprocessing, recipe, metrics. Empty until the weights are trained.
+
+        Read on each access, not cached: ``scsonet weights pack`` may install a card while running."""
         card = self.card_path
         meta = dict(self.default_meta)
         if card.exists():
@@ -104,3 +111,55 @@ def load_weights_into(model: nn.Module, weights: WeightsEnum) -> None:
 class SCSONet_Weights(WeightsEnum):
     ISIC2017_V1 = Weights("scsonet_isic2017_v1.safetensors", "scsonet")
     DEFAULT = ISIC2017_V1
+
+
+class MALUNet_Weights(WeightsEnum):
+    ISIC2017_V1 = Weights("malunet_isic2017_v1.safetensors", "malunet")
+    DEFAULT = ISIC2017_V1
+
+
+class EGEUNet_Weights(WeightsEnum):
+    ISIC2017_V1 = Weights("egeunet_isic2017_v1.safetensors", "egeunet")
+    DEFAULT = ISIC2017_V1
+
+
+class UNeXt_S_Weights(WeightsEnum):
+    ISIC2017_V1 = Weights("unext_s_isic2017_v1.safetensors", "unext_s")
+    DEFAULT = ISIC2017_V1
+
+
+WEIGHTS_ENUMS: tuple[type[WeightsEnum], ...] = (SCSONet_Weights, MALUNet_Weights, EGEUNet_Weights, UNeXt_S_Weights)
+
+
+def declared_weights() -> dict[str, WeightsEnum]:
+    """Every declared weights name (``<arch>-<dataset>``, e.g. ``egeunet-isic2017``) -> its member.
+
+    Members are declared in upper case DATASET_VERSION; a later version of one dataset takes the name.
+    """
+    names = {}
+    for enum in WEIGHTS_ENUMS:
+        for member in enum:  # iteration skips aliases such as DEFAULT
+            names[f"{member.value.arch}-{member.name.rsplit('_', 1)[0].lower()}"] = member
+    return names
+
+
+class InstalledWeights(Mapping):
+    """The pretrained names whose card and file are present, looked up live (a missing card: not
+    installed, so the name is not offered)."""
+
+    def _installed(self) -> dict[str, WeightsEnum]:
+        return {name: w for name, w in declared_weights().items() if w.value.installed}
+
+    def __getitem__(self, name: str) -> WeightsEnum:
+        return self._installed()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._installed())
+
+    def __len__(self) -> int:
+        return len(self._installed())
+
+    def choices(self) -> str:
+        """The names for an error message: installed ones, then those declared but not installed."""
+        missing = [name for name in declared_weights() if name not in self]
+        return ", ".join(self) + (f"; not installed: {', '.join(missing)}" if missing else "")
