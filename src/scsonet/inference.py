@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Optional, Protocol, Sequence
 import numpy as np
 from PIL import Image
 
-from ._io import atomic_path, write_json_atomic, write_text_atomic
+from ._io import atomic_path, fsync_dir, write_json_atomic, write_text_atomic
 from .errors import ScsonetError
 from .imageio import IMAGE_SUFFIXES, ImageLike, expand_inputs, read_image, to_rgb_array
 from .postprocess import (draw_overlay, probabilities_to_uint8, resize_image, resize_probabilities,
@@ -195,7 +195,7 @@ class _Journal:
                     created = not self.path.exists()
                     self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | _O_BINARY, 0o666)
                     if created:
-                        _fsync_dir(self.path.parent)
+                        fsync_dir(self.path.parent)
                 end = os.fstat(self._fd).st_size
                 if end:
                     os.lseek(self._fd, end - 1, os.SEEK_SET)  # O_APPEND writes ignore this position
@@ -238,20 +238,6 @@ class _Journal:
             if fd is not None:
                 os.close(fd)
         self._fd = None
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make a new entry in ``folder`` durable; a no-op where folders cannot be synced (Windows)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _current_entries(entries: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
