@@ -3,8 +3,9 @@
     .venv/bin/python scripts/web_model.py            # export when missing or stale, else do nothing
     .venv/bin/python scripts/web_model.py --check    # exit 1 when missing or stale (what the build runs)
 
-A sidecar, web/model/scsonet.json, records the SHA-256 of the shipped weights and model card the
-export came from, and of the ONNX file itself; the model is stale when any of them differs.
+A sidecar, web/model/scsonet.json, records the SHA-256 of the shipped weights, of the parts of the
+model card that the export reads (architecture, model arguments, preprocessing, threshold), and of
+the ONNX file itself; the model is stale when any of them differs.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ OUT_DIR = ROOT / "web" / "model"
 WEIGHTS = "scsonet-isic2017"
 # The export the page serves; `--no-reparameterize` or not is chosen by benchmarks/browser_latency.mjs.
 EXPORT_ARGS = ["--no-reparameterize"]
+CARD_KEYS = ("arch", "model_args", "preprocessing", "threshold")  # what `scsonet export` takes from the card
 
 
 def sha256(path: Path) -> str:
@@ -27,12 +29,15 @@ def sha256(path: Path) -> str:
 
 
 def sources(weights: str = WEIGHTS) -> dict[str, str]:
-    """SHA-256 of the weights file and model card that an export of ``weights`` reads."""
+    """SHA-256 of the weights file, and of the model card's fields that an export of ``weights`` reads
+    (so that an edit of the card's prose does not make the model stale)."""
     from scsonet.models._loading import PRETRAINED
 
     member = PRETRAINED[weights]
+    card = json.loads(member.value.card_path.read_text())
+    fields = json.dumps({key: card.get(key) for key in CARD_KEYS}, sort_keys=True).encode()
     return {"weights_file": member.path.name, "weights_sha256": sha256(member.path),
-            "card_sha256": sha256(member.value.card_path)}
+            "card_export_sha256": hashlib.sha256(fields).hexdigest()}
 
 
 def problems(out_dir: Path = OUT_DIR, expected: dict[str, str] | None = None) -> list[str]:

@@ -1,13 +1,12 @@
 // The page: load the model once, then photo -> outline, all in this tab. Nothing is sent anywhere.
 import * as ort from './ort/ort.wasm.min.mjs';
-import { modelInfo, normalize, onnxMetadata, paintOutline, resizeFloat, resizeRGBA, sigmoid,
-  threshold } from './pipeline.js';
+import { maskAtSize, modelInfo, normalize, onnxMetadata, paintOutline, resizeRGBA, sigmoid } from './pipeline.js';
 import { encodeGrayPNG } from './png.js';
 
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
 const MODEL_URL = 'model/scsonet.onnx';
-const DISPLAY_MAX = 2048;  // longest side drawn on the page; downloads keep the photo's own size
+const DISPLAY_MAX = 1600;  // longest side drawn on the page; downloads keep the photo's own size
 
 class UserError extends Error {}
 
@@ -80,18 +79,21 @@ function rgbaOf(bitmap, width = bitmap.width, height = bitmap.height) {
 }
 
 // The whole of `scsonet predict` for one photo: resize, normalise, model, sigmoid, resize back, threshold.
-async function segment(model, bitmap) {
+async function segment(model, bitmap, timings = {}) {
   const { info } = model, { width, height } = bitmap;
+  let t = performance.now();
+  const lap = (name) => { const now = performance.now(); timings[name] = now - t; t = now; };
   const rgba = rgbaOf(bitmap);
+  lap('pixels');
   const x = normalize(resizeRGBA(rgba, width, height, info.width, info.height), info.width, info.height,
     info.mean, info.std);
-  const t = performance.now();
+  lap('resize');
   const logits = await runModel(model, x);
-  const modelMs = performance.now() - t;
+  lap('model');
   const probs = sigmoid(logits);
-  const { mask, summary } = threshold(resizeFloat(probs, info.width, info.height, width, height), width, height,
-    info.threshold);
-  return { rgba, probs, mask, summary, modelMs };
+  const { mask, summary } = maskAtSize(probs, info.width, info.height, width, height, info.threshold);
+  lap('resize back, threshold');
+  return { rgba, probs, mask, summary, modelMs: timings.model, timings };
 }
 
 function noLesionLabel(ctx, height) {
@@ -107,6 +109,7 @@ function noLesionLabel(ctx, height) {
 
 // The photo with the outline, at most DISPLAY_MAX on its longest side: a large photo is drawn
 // smaller and outlined from the probabilities resized to that size (the downloads are full size).
+// The outline is a layer drawn over the photo, so no pixels are read back for the view.
 function drawView(model, bitmap, result) {
   const { width, height } = bitmap, { info } = model;
   const scale = Math.min(1, DISPLAY_MAX / Math.max(width, height));
@@ -115,17 +118,13 @@ function drawView(model, bitmap, result) {
   canvas.width = w;
   canvas.height = h;
   const ctx = canvas.getContext('2d');
-  let rgba, mask;
-  if (scale === 1) {
-    rgba = new Uint8ClampedArray(result.rgba);
-    mask = result.mask;
-  } else {
-    rgba = rgbaOf(bitmap, w, h);
-    mask = threshold(resizeFloat(result.probs, info.width, info.height, w, h), w, h, info.threshold).mask;
-  }
-  if (result.summary.lesion_found) paintOutline(rgba, mask, w, h);
-  ctx.putImageData(new ImageData(rgba, w, h), 0, 0);
-  if (!result.summary.lesion_found) noLesionLabel(ctx, h);
+  ctx.imageSmoothingQuality = 'high';
+  ctx.drawImage(bitmap, 0, 0, w, h);
+  if (!result.summary.lesion_found) { noLesionLabel(ctx, h); return; }
+  const mask = scale === 1 ? result.mask : maskAtSize(result.probs, info.width, info.height, w, h, info.threshold).mask;
+  const layer = new OffscreenCanvas(w, h);
+  layer.getContext('2d').putImageData(new ImageData(paintOutline(new Uint8ClampedArray(w * h * 4), mask, w, h), w, h), 0, 0);
+  ctx.drawImage(layer, 0, 0);
 }
 
 function fmt(n, digits = 0) { return n.toLocaleString('en', { maximumFractionDigits: digits, minimumFractionDigits: digits }); }
@@ -153,9 +152,12 @@ async function handle(file) {
   const t0 = performance.now();
   try {
     const bitmap = await decode(file);
-    const result = await segment(state.model, bitmap);
+    const timings = { decode: performance.now() - t0 };
+    const result = await segment(state.model, bitmap, timings);
+    const t1 = performance.now();
     drawView(state.model, bitmap, result);
     const totalMs = performance.now() - t0;
+    timings.display = performance.now() - t1;
     bitmap.close();
     state.result = { ...result, width: bitmap.width, height: bitmap.height };
     state.name = (file.name || 'photo').replace(/\.[^.]*$/, '') || 'photo';
@@ -169,7 +171,8 @@ async function handle(file) {
     $('download-mask').href = state.maskUrl;
     $('download-mask').download = `${state.name}_mask.png`;
     Object.assign($('result').dataset, { totalMs: totalMs.toFixed(1), modelMs: result.modelMs.toFixed(1),
-      areaPx: result.summary.lesion_area_px, file: file.name || '' });
+      areaPx: result.summary.lesion_area_px, file: file.name || '',
+      timings: JSON.stringify(Object.fromEntries(Object.entries(timings).map(([k, v]) => [k, Math.round(v * 10) / 10]))) });
     setStatus(`Outlined in ${fmt(totalMs)} ms (the model itself: ${fmt(result.modelMs, 1)} ms), on this device.`);
     document.body.dataset.state = 'done';
   } catch (err) {

@@ -140,35 +140,52 @@ export function resizeRGBA(src, width, height, outW, outH) {
   return out;
 }
 
+// Pillow's float vertical pass, one output row at a time (row(yy, Float32Array of width values)):
+// the same sums in the same order as the C loop, but along rows, which suits the cache.
+function verticalRows(src, width, height, outH, row) {
+  const { ksize, weights, bounds } = coefficients(height, outH);
+  const acc = new Float64Array(width), out = new Float32Array(width);
+  for (let yy = 0; yy < outH; yy++) {
+    const ymin = bounds[yy * 2], ymax = bounds[yy * 2 + 1], kb = yy * ksize;
+    // Taps of weight 0 add nothing; the usual upsampling row has two others, done in one loop.
+    const taps = [];
+    for (let y = 0; y < ymax; y++) if (weights[kb + y] !== 0) taps.push([(ymin + y) * width, weights[kb + y]]);
+    if (taps.length === 2) {
+      const [[a, wa], [b, wb]] = taps;
+      for (let x = 0; x < width; x++) out[x] = src[a + x] * wa + src[b + x] * wb;
+    } else {
+      acc.fill(0);
+      for (const [base, w] of taps) for (let x = 0; x < width; x++) acc[x] += src[base + x] * w;
+      out.set(acc);  // rounds to float32, as Pillow stores each pass
+    }
+    row(yy, out);
+  }
+}
+
+function horizontalFloat(src, width, height, outW) {
+  if (width === outW) return src;
+  const { ksize, weights, bounds } = coefficients(width, outW);
+  const out = new Float32Array(outW * height);
+  for (let y = 0; y < height; y++) {
+    const row = y * width;
+    for (let xx = 0; xx < outW; xx++) {
+      const xmin = bounds[xx * 2], xmax = bounds[xx * 2 + 1], kb = xx * ksize;
+      let s = 0;
+      for (let x = 0; x < xmax; x++) s += src[row + xmin + x] * weights[kb + x];
+      out[y * outW + xx] = s;
+    }
+  }
+  return out;
+}
+
 // Float32 map (width x height) -> (outW x outH), as Image.fromarray(float32).resize(..., BILINEAR):
 // double sums, stored as float32 after each pass.
 export function resizeFloat(src, width, height, outW, outH) {
-  let cur = src, curW = width;
-  if (width !== outW) {
-    const { ksize, weights, bounds } = coefficients(width, outW);
-    const out = new Float32Array(outW * height);
-    for (let y = 0; y < height; y++) {
-      const row = y * width;
-      for (let xx = 0; xx < outW; xx++) {
-        const xmin = bounds[xx * 2], xmax = bounds[xx * 2 + 1], kb = xx * ksize;
-        let s = 0;
-        for (let x = 0; x < xmax; x++) s += cur[row + xmin + x] * weights[kb + x];
-        out[y * outW + xx] = s;
-      }
-    }
-    cur = out; curW = outW;
-  }
+  let cur = horizontalFloat(src, width, height, outW);
+  const curW = outW;
   if (height !== outH) {
-    const { ksize, weights, bounds } = coefficients(height, outH);
     const out = new Float32Array(curW * outH);
-    for (let yy = 0; yy < outH; yy++) {
-      const ymin = bounds[yy * 2], ymax = bounds[yy * 2 + 1], kb = yy * ksize, o = yy * curW;
-      for (let x = 0; x < curW; x++) {
-        let s = 0;
-        for (let y = 0, p = ymin * curW + x; y < ymax; y++, p += curW) s += cur[p] * weights[kb + y];
-        out[o + x] = s;
-      }
-    }
+    verticalRows(cur, curW, height, outH, (yy, row) => out.set(row, yy * curW));
     cur = out;
   }
   return cur;
@@ -196,26 +213,49 @@ export function sigmoid(logits) {
   return out;
 }
 
-// Mask (0/1 bytes) and its figures, as scsonet.postprocess.summarize.
-export function threshold(probs, width, height, t) {
+// Mask (0/1 bytes) and its figures, as scsonet.postprocess.summarize, built row by row.
+function maskBuilder(width, height, t) {
   const mask = new Uint8Array(width * height);
   let area = 0, sum = 0, x0 = width, y0 = height, x1 = -1, y1 = -1;
-  for (let y = 0, i = 0; y < height; y++) {
-    for (let x = 0; x < width; x++, i++) {
-      if (probs[i] >= t) {
-        mask[i] = 1; area++; sum += probs[i];
-        if (x < x0) x0 = x;
-        if (x > x1) x1 = x;
-        if (y < y0) y0 = y;
-        y1 = y;
+  return {
+    row(y, values) {
+      const base = y * width;
+      let n = 0, s = 0;
+      for (let x = 0; x < width; x++) {  // without branches: lesion and skin interleave unpredictably
+        const v = values[x], m = +(v >= t);
+        mask[base + x] = m;
+        n += m;
+        s += v * m;
       }
-    }
-  }
-  const summary = {
-    width, height, lesion_found: area > 0, lesion_area_px: area, lesion_fraction: area / (width * height),
-    bbox: area ? [x0, y0, x1 + 1, y1 + 1] : null, mean_confidence: area ? Math.round(sum / area * 1e6) / 1e6 : null,
+      if (n === 0) return;
+      const line = mask.subarray(base, base + width);
+      x0 = Math.min(x0, line.indexOf(1));
+      x1 = Math.max(x1, line.lastIndexOf(1));
+      if (y < y0) y0 = y;
+      y1 = y;
+      area += n;
+      sum += s;
+    },
+    done: () => ({ mask, summary: {
+      width, height, lesion_found: area > 0, lesion_area_px: area, lesion_fraction: area / (width * height),
+      bbox: area ? [x0, y0, x1 + 1, y1 + 1] : null, mean_confidence: area ? Math.round(sum / area * 1e6) / 1e6 : null,
+    } }),
   };
-  return { mask, summary };
+}
+
+export function threshold(probs, width, height, t) {
+  const b = maskBuilder(width, height, t);
+  for (let y = 0; y < height; y++) b.row(y, probs.subarray(y * width, (y + 1) * width));
+  return b.done();
+}
+
+// threshold(resizeFloat(probs, ...)) without holding the full-size float map.
+export function maskAtSize(probs, width, height, outW, outH, t) {
+  const b = maskBuilder(outW, outH, t);
+  const cur = horizontalFloat(probs, width, height, outW);
+  if (height === outH) for (let y = 0; y < outH; y++) b.row(y, cur.subarray(y * outW, (y + 1) * outW));
+  else verticalRows(cur, outW, height, outH, (y, row) => b.row(y, row));
+  return b.done();
 }
 
 // ---- the outline (scsonet.postprocess.outline_width, erode, outline) ----
@@ -229,18 +269,32 @@ function roundHalfEven(x) {
 export const outlineWidth = (height, width) => Math.max(3, roundHalfEven(Math.max(height, width) / 512));
 
 // Erosion by a (2r+1) square with the border repeated: a pixel stays when its window, clipped to
-// the image, holds no background. One axis at a time, each by a running count of background.
-function erodeAxis(mask, width, height, r, horizontal) {
-  const out = new Uint8Array(mask.length);
-  const lines = horizontal ? height : width, len = horizontal ? width : height;
-  const step = horizontal ? 1 : width, lineStep = horizontal ? width : 1;
-  const zeros = new Int32Array(len + 1);
-  for (let l = 0; l < lines; l++) {
-    const base = l * lineStep;
-    for (let i = 0; i < len; i++) zeros[i + 1] = zeros[i] + (mask[base + i * step] ? 0 : 1);
-    for (let i = 0; i < len; i++) {
-      const lo = Math.max(0, i - r), hi = Math.min(len, i + r + 1);
-      out[base + i * step] = zeros[hi] - zeros[lo] === 0 ? 1 : 0;
+// the image, holds no background. Rows by runs of lesion; columns by counting lesion above and
+// below (capped: only "at least r + 1, or up to the border" matters).
+function erode(mask, width, height, r) {
+  const rows = new Uint8Array(mask.length);
+  for (let y = 0; y < height; y++) {
+    const base = y * width;
+    for (let x = 0; x < width;) {
+      if (!mask[base + x]) { x++; continue; }
+      let end = x;
+      while (end < width && mask[base + end]) end++;
+      const from = x === 0 ? 0 : x + r, to = end === width ? width : end - r;  // survivors: [from, to)
+      for (let i = from; i < to; i++) rows[base + i] = 1;
+      x = end;
+    }
+  }
+  const FAR = 255, need = Math.min(r + 1, FAR);  // r < 255 for any photo up to 130 000 px
+  const up = new Uint8Array(mask.length);
+  for (let x = 0; x < width; x++) up[x] = rows[x] ? FAR : 0;
+  for (let y = 1; y < height; y++) {
+    for (let x = 0, i = y * width; x < width; x++, i++) up[i] = rows[i] ? Math.min(FAR, up[i - width] + 1) : 0;
+  }
+  const down = new Uint8Array(width), out = up;  // up is read once per pixel, then overwritten
+  for (let y = height - 1; y >= 0; y--) {
+    for (let x = 0, i = y * width; x < width; x++, i++) {
+      down[x] = rows[i] ? (y === height - 1 ? FAR : Math.min(FAR, down[x] + 1)) : 0;
+      out[i] = up[i] >= need && down[x] >= need ? 1 : 0;
     }
   }
   return out;
@@ -248,14 +302,15 @@ function erodeAxis(mask, width, height, r, horizontal) {
 
 // The band of `width` pixels just inside the mask's edge (0/1 bytes); the image border is no edge.
 export function outline(mask, w, h, band) {
-  const eroded = erodeAxis(erodeAxis(mask, w, h, band, true), w, h, band, false);
+  const eroded = erode(mask, w, h, band);
   for (let i = 0; i < eroded.length; i++) eroded[i] = mask[i] & (eroded[i] ^ 1);
   return eroded;
 }
 
 export const OUTLINE_COLOR = [0, 255, 0];
 
-// RGBA image with the outline painted in (in place), as scsonet.postprocess.draw_overlay.
+// RGBA image with the outline painted in (in place), as scsonet.postprocess.draw_overlay; on a
+// transparent (zero) image, the outline alone.
 export function paintOutline(rgba, mask, width, height) {
   const band = outline(mask, width, height, outlineWidth(height, width));
   for (let i = 0, p = 0; i < band.length; i++, p += 4) {
