@@ -291,3 +291,11 @@ def test_prepare_refuses_absurd_sizes(files, tmp_path, capsys):
                      "--out", str(out), "--size", size, "--no-progress", "--workers", "1"]) == 2
         assert f"size '{size}': expected N or HxW with sides in 8..2048" in one_error_line(capsys, "data")
         assert not out.exists()
+
+
+@pytest.mark.parametrize("tolerance", ["nan", "-1", "0"])
+def test_export_tolerance_is_checked(files, tmp_path, capsys, tolerance):
+    assert main(["export", "--weights", str(files["good"]), "--out", str(tmp_path / "m.onnx"),
+                 "--tolerance", tolerance]) == 2
+    assert f"--tolerance {float(tolerance)}: expected a finite number > 0" in one_error_line(capsys, "export")
+    assert list(tmp_path.iterdir()) == []

@@ -3,7 +3,10 @@ checked against PyTorch before the file is written."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
+
+from ..errors import ScsonetError
 
 
 def register(subparsers) -> None:
@@ -36,14 +39,14 @@ def register(subparsers) -> None:
 def run(args) -> int:
     from ..export import default_check_images, export_model
 
+    if not (math.isfinite(args.tolerance) and args.tolerance > 0):
+        raise ScsonetError(f"--tolerance {args.tolerance}: expected a finite number > 0")
     check_images = default_check_images() if args.check_images is None else args.check_images
     kwargs = dict(check=args.check, check_images=check_images, tolerance=args.tolerance)
     if args.fmt == "onnx":
         kwargs.update(opset=args.opset, quantize=args.quantize, calibration_images=args.calibration_images,
                       reparameterize=args.reparameterize)
     elif args.quantize or args.opset != 17 or not args.reparameterize:
-        from ..errors import ScsonetError
-
         raise ScsonetError("--opset, --quantize and --no-reparameterize apply to --format onnx only")
     report = export_model(args.weights, args.out, args.fmt, **kwargs)
     if args.json:
