@@ -30,6 +30,7 @@ import yaml
 
 from ._device import resolve_device
 from ._io import torch_save_atomic, write_json_atomic, write_text_atomic
+from .data.robust_augment import check_robust_config
 from .errors import ScsonetError
 from .evaluation import evaluate, write_report
 from .fast import optimizer_options, prepare_for_training
@@ -62,6 +63,8 @@ class TrainConfig:
     bce_weight: float = 1.0  # BCE + Dice, 1:1 in the paper
     dice_weight: float = 1.0
     augment: bool = True  # flips and rotation, p = 0.5 each, per sample
+    robust_augment: dict = field(default_factory=dict)  # {transform: probability} of RobustAugment ({} = the paper's only)
+    init_from: str = ""  # start from these weights (a pretrained name or a checkpoint) instead of random ones
     seed: int = 42
     eval_every: int = 1  # epochs between selections on the selection split
     eval_batch_size: int = 16
@@ -148,7 +151,25 @@ def check_config(cfg: TrainConfig) -> None:
     for key, ok, expected in rules:
         if not ok:
             raise ScsonetError(f"config {key}={getattr(cfg, key)!r}: expected {expected}")
+    check_robust_config(cfg.robust_augment)
     build_model(cfg.model, cfg.model_args, "config")
+
+
+def _init_weights(model: torch.nn.Module, cfg: TrainConfig, mean, std) -> None:
+    """Load ``cfg.init_from`` into ``model``: same architecture and the data's normalisation, or an error."""
+    from .models import load_model
+
+    loaded = load_model(cfg.init_from, "cpu")
+    where = f"config init_from={cfg.init_from!r}"
+    if loaded.name != cfg.model:
+        raise ScsonetError(f"{where}: those weights are a {loaded.name!r}, the config trains a {cfg.model!r}")
+    if any(abs(a - b) > 1e-4 for a, b in zip([*loaded.preset.mean, *loaded.preset.std], [*mean, *std])):
+        raise ScsonetError(f"{where}: trained with mean {list(loaded.preset.mean)} std {list(loaded.preset.std)}, "
+                           f"the data has mean {list(mean)} std {list(std)}")
+    try:
+        model.load_state_dict(loaded.model.state_dict(), strict=True)
+    except RuntimeError as err:
+        raise ScsonetError(f"{where}: does not fit model_args {cfg.model_args} ({str(err).splitlines()[0]})") from None
 
 
 def get_lr(epoch: int, cfg: TrainConfig) -> float:
@@ -276,11 +297,14 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> Path:
     preprocessing = {"resize_size": list(fit.images.shape[-2:]), "mean": list(mean), "std": list(std)}
     use_graph = cfg.cuda_graph and device.type == "cuda" and world_size == 1
     loader = TrainLoader(fit, cfg.batch_size, mean, std, augment=cfg.augment, shuffle=True, seed=cfg.seed,
-                         device=device, drop_last=use_graph, rank=rank, world_size=world_size)
+                         device=device, drop_last=use_graph, rank=rank, world_size=world_size,
+                         robust_augment=cfg.robust_augment)
 
     # -- model and optimiser: the same seed gives the same initial weights on every rank
     torch.manual_seed(cfg.seed)
     model = create_model(cfg.model, **cfg.model_args).to(device)
+    if cfg.init_from and ckpt is None:  # fine-tuning; a resumed run has its own weights
+        _init_weights(model, cfg, mean, std)
     optimizer_kwargs = {}
     if cfg.fast:
         model = prepare_for_training(model, device)

@@ -11,6 +11,7 @@ _LAZY = {
     "PreparedData": "scsonet.data.dataset",
     "SplitArrays": "scsonet.data.dataset",
     "PaperAugment": "scsonet.data.augment",
+    "RobustAugment": "scsonet.data.robust_augment",
     "TrainLoader": "scsonet.data.loader",
     "make_grid": "scsonet.data.show",
 }

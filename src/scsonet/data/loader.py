@@ -9,6 +9,7 @@ import torch
 from ..transforms import SegmentationPreset
 from .augment import PaperAugment
 from .dataset import SplitArrays
+from .robust_augment import RobustAugment
 
 
 def _generator(*entropy: int) -> torch.Generator:
@@ -30,6 +31,8 @@ class TrainLoader:
         mean: RGB mean, 0..1 scale (the training statistics of the manifest).
         std: RGB std, 0..1 scale.
         augment: apply ``PaperAugment``.
+        robust_augment: ``{transform: probability}``: ``RobustAugment`` after the paper's transforms
+            (empty: the paper's only, with exactly its batches and random stream).
         shuffle: new order every epoch; otherwise the array order.
         seed: base seed of the order and the augmentation.
         device: where batches (and the whole split, once) live.
@@ -42,7 +45,7 @@ class TrainLoader:
 
     def __init__(self, arrays: SplitArrays, batch_size: int, mean: Sequence[float], std: Sequence[float], *,
                  augment: bool, shuffle: bool, seed: int, device: str | torch.device, drop_last: bool = False,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, robust_augment: dict[str, float] | None = None):
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         if not 0 <= rank < world_size:
@@ -54,6 +57,8 @@ class TrainLoader:
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.drop_last, self.rank, self.world_size = drop_last, rank, world_size
         self.augment = PaperAugment() if augment else None
+        if robust_augment:
+            self.augment = RobustAugment(robust_augment, paper=self.augment)
         self.preset = SegmentationPreset.from_stats(mean, std, tuple(arrays.images.shape[-2:]))
         self.epoch = 0
         n = len(arrays)

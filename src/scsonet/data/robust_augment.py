@@ -1,0 +1,573 @@
+"""Augmentation beyond the paper's, for photos where the lesion is small, off-centre and surrounded.
+
+The ISIC crops teach a model that the lesion fills the frame. ``RobustAugment`` shows it the other
+cases too, in both directions of scale (zooming out and in, so large lesions stay common):
+
+- geometry: ``zoom_out`` (the photo shrunk to 0.3..0.9 of the side, anywhere on a canvas),
+  ``zoom_in`` (a 0.5..0.9 sub-window, which may cut the lesion, enlarged) and ``translate``
+  (a shift of up to 0.3 of the side), each with a mild aspect change as when a 4:3 photo is
+  resized to a square;
+- surroundings that are not flat, wherever the photo does not cover the frame (zoom-out,
+  translation, the paper's rotated corners): ``skin_canvas`` (the most lesion-free half-size
+  window of another photo of the batch, enlarged), ``texture_canvas`` (procedural cloth, glove or
+  paper), otherwise a flat colour near the photo's border colour; ``fingers`` (shaded skin-toned
+  capsules entering from an edge) and ``ruler`` (a graduated strip) over the result;
+- a dermoscope's ``frame`` (near-black outside a circle);
+- photometric: ``color`` (brightness, contrast, saturation, colour temperature),
+  ``illumination`` (a smooth gradient and a vignette), ``blur``, ``noise`` and ``jpeg``
+  (8x8 block DCT quantisation at quality 30..90 with 4:2:0 chroma).
+
+Anything drawn over the lesion (fingers, ruler, frame, a canvas) is background in the mask.
+"""
+from __future__ import annotations
+
+import math
+from typing import Mapping
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import ScsonetError
+from .augment import PaperAugment
+
+TRANSFORMS = ("zoom_out", "zoom_in", "translate", "skin_canvas", "texture_canvas", "fingers", "ruler",
+              "frame", "color", "illumination", "blur", "noise", "jpeg")
+
+# Columns of the per-sample block of uniform draws: (name, count). Every sample draws all of
+# them whichever transforms fire, so the random stream depends on the batch size only.
+_LAYOUT = (("fire", len(TRANSFORMS)), ("geometry", 4), ("feather", 1), ("canvas", 9), ("texture", 14),
+           ("fingers", 11), ("ruler", 7), ("frame", 5), ("color", 4), ("illumination", 5), ("blur", 1),
+           ("noise", 3), ("jpeg", 1))
+_OFFSETS, _n = {}, 0
+for _name, _count in _LAYOUT:
+    _OFFSETS[_name] = slice(_n, _n + _count)
+    _n += _count
+_NUM_DRAWS = _n
+_LATTICES = (4, 8, 16, 32)  # value-noise lattice sides of the procedural textures (grain: the noise bank)
+_NUM_LATTICE = sum(s * s for s in _LATTICES)
+
+_NOISE_MARGIN = 128  # the noise bank is this much larger than the image: random crops of it
+# Skin tones (light to dark) for fingers; glove colours: blue and purple nitrile, white and beige latex, black.
+_SKIN = ((242, 206, 186), (228, 182, 152), (205, 154, 118), (170, 118, 84), (124, 84, 58), (86, 58, 42))
+_GLOVE = ((86, 128, 206), (128, 98, 186), (236, 234, 226), (228, 208, 168), (44, 44, 50))
+# JPEG Annex K quantisation tables (luma, chroma), scaled by quality as libjpeg does.
+_Q_LUMA = (16, 11, 10, 16, 24, 40, 51, 61, 12, 12, 14, 19, 26, 58, 60, 55, 14, 13, 16, 24, 40, 57, 69, 56,
+           14, 17, 22, 29, 51, 87, 80, 62, 18, 22, 37, 56, 68, 109, 103, 77, 24, 35, 55, 64, 81, 104, 113, 92,
+           49, 64, 78, 87, 103, 121, 120, 101, 72, 92, 95, 98, 112, 100, 103, 99)
+_Q_CHROMA = (17, 18, 24, 47) + (99,) * 4 + (18, 21, 26, 66) + (99,) * 4 + (24, 26, 56) + (99,) * 5 + (47, 66) \
+    + (99,) * 38
+
+
+def check_robust_config(probs: Mapping) -> dict[str, float]:
+    """``{transform: probability}`` checked: known names, numbers in 0..1 (ScsonetError otherwise)."""
+    if not isinstance(probs, Mapping):
+        raise ScsonetError(f"config robust_augment={probs!r}: expected a mapping of transform: probability")
+    checked = {}
+    for name, p in probs.items():
+        if name not in TRANSFORMS:
+            raise ScsonetError(f"config robust_augment.{name}={p!r}: unknown transform; "
+                               f"choose from {', '.join(TRANSFORMS)}")
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
+            raise ScsonetError(f"config robust_augment.{name}={p!r}: expected a probability in 0..1")
+        checked[name] = float(p)
+    return checked
+
+
+def _pixels(h: int, w: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pixel-centre coordinates in pixels: x (1, 1, 1, W) and y (1, 1, H, 1)."""
+    xs = torch.arange(w, device=like.device, dtype=like.dtype) + 0.5
+    ys = torch.arange(h, device=like.device, dtype=like.dtype) + 0.5
+    return xs.view(1, 1, 1, w), ys.view(1, 1, h, 1)
+
+
+def _v(t: torch.Tensor) -> torch.Tensor:
+    """Per-sample values (N,) -> (N, 1, 1, 1), to broadcast over images."""
+    return t.view(-1, 1, 1, 1)
+
+
+def _lerp(lo: float, hi: float, u: torch.Tensor) -> torch.Tensor:
+    return lo + (hi - lo) * u
+
+
+def _log_lerp(lo: float, hi: float, u: torch.Tensor) -> torch.Tensor:
+    return torch.exp(_lerp(math.log(lo), math.log(hi), u))
+
+
+def _smooth_field(fn, h: int, w: int, like: torch.Tensor, factor: int = 4) -> torch.Tensor:
+    """``fn(xs, ys)`` of pixel coordinates, for a smooth field: evaluated on a grid ``factor`` times
+    coarser (one cell beyond each side) and enlarged bilinearly: exact for linear fields."""
+    hc, wc = -(-h // factor) + 2, -(-w // factor) + 2
+    xs = ((torch.arange(wc, device=like.device, dtype=like.dtype) - 0.5) * factor).view(1, 1, 1, wc)
+    ys = ((torch.arange(hc, device=like.device, dtype=like.dtype) - 0.5) * factor).view(1, 1, hc, 1)
+    field = F.interpolate(fn(xs, ys), scale_factor=factor, mode="bilinear", align_corners=False)
+    return field[..., factor:factor + h, factor:factor + w]
+
+
+def _border_mean(images: torch.Tensor) -> torch.Tensor:
+    """Mean colour (N, 3) of a ring one sixteenth of the side wide: the photo's skin, mostly."""
+    h, w = images.shape[-2:]
+    r = max(1, min(h, w) // 16)
+    if 2 * r >= min(h, w):
+        return images.mean((2, 3))
+    total = (images[..., :r, :].sum((2, 3)) + images[..., h - r:, :].sum((2, 3))
+             + images[..., r:h - r, :r].sum((2, 3)) + images[..., r:h - r, w - r:].sum((2, 3)))
+    return total / (h * w - (h - 2 * r) * (w - 2 * r))
+
+
+def _dct_matrix(device, dtype) -> torch.Tensor:
+    """The 2-D 8x8 DCT-II as one orthonormal 64x64 matrix acting on row-major blocks."""
+    k = torch.arange(8, dtype=torch.float64)
+    d = torch.cos(math.pi * (2 * k[None, :] + 1) * k[:, None] / 16) * math.sqrt(2 / 8)
+    d[0] /= math.sqrt(2)
+    return torch.kron(d, d).to(device=device, dtype=dtype)
+
+
+def _quant_tables(quality: torch.Tensor, table: tuple[int, ...]) -> torch.Tensor:
+    """libjpeg's quality scaling of an Annex K table, per sample: (N, 1, 1, 1, 64)."""
+    q = quality.clamp(1, 100)[:, None]
+    scale = torch.where(q < 50, 5000 / q, 200 - 2 * q)
+    base = torch.tensor(table, dtype=q.dtype, device=q.device)
+    return torch.floor((base * scale + 50) / 100).clamp(1, 255).view(-1, 1, 1, 1, 64)
+
+
+def _dct_quantise(x: torch.Tensor, q: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """Round each 8x8 block's DCT coefficients to multiples of ``q``: (N, C, H, W), H and W multiples of 8."""
+    n, c, h, w = x.shape
+    blocks = x.view(n, c, h // 8, 8, w // 8, 8).transpose(3, 4).reshape(n, c, h // 8, w // 8, 64)
+    coef = torch.round(blocks @ d.T / q) * q
+    return (coef @ d).view(n, c, h // 8, w // 8, 8, 8).transpose(3, 4).reshape(n, c, h, w)
+
+
+_RGB_TO_YCC = ((0.299, 0.587, 0.114), (-0.168736, -0.331264, 0.5), (0.5, -0.418688, -0.081312))
+_YCC_TO_RGB = ((1.0, 0.0, 1.402), (1.0, -0.344136, -0.714136), (1.0, 1.772, 0.0))
+
+
+def jpeg_like(x: torch.Tensor, quality: torch.Tensor) -> torch.Tensor:
+    """Approximate JPEG round trip of 0..255 RGB (N, 3, H, W) at ``quality`` (N,).
+
+    As a baseline encoder and decoder do: YCbCr (centred on 0), chroma averaged over 2x2, 8x8 block
+    DCT rounded to the quality-scaled Annex K tables, back; chroma upsampled by repetition.
+    """
+    n, _, h, w = x.shape
+    ph, pw = (-h) % 16, (-w) % 16
+    if ph or pw:
+        x = F.pad(x, (0, pw, 0, ph), mode="replicate")
+    m = torch.tensor(_RGB_TO_YCC, dtype=x.dtype, device=x.device)
+    ycc = torch.einsum("ij,njhw->nihw", m, x - 128)
+    d = _dct_matrix(x.device, x.dtype)
+    quality = quality.to(x.dtype)
+    y = _dct_quantise(ycc[:, :1], _quant_tables(quality, _Q_LUMA), d)
+    chroma = _dct_quantise(F.avg_pool2d(ycc[:, 1:], 2), _quant_tables(quality, _Q_CHROMA), d)
+    ycc = torch.cat([y, F.interpolate(chroma, scale_factor=2, mode="bilinear", align_corners=False)], 1)
+    out = torch.einsum("ij,njhw->nihw", torch.tensor(_YCC_TO_RGB, dtype=x.dtype, device=x.device), ycc) + 128
+    return out[..., :h, :w].clamp_(0, 255)
+
+
+def _shift(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """(C, H, W) moved by (dy, dx) pixels; what comes in from outside is 0."""
+    out = torch.zeros_like(x)
+    h, w = x.shape[-2:]
+    out[:, max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = x[:, max(-dy, 0):h - max(dy, 0), max(-dx, 0):w - max(dx, 0)]
+    return out
+
+
+def _segment_distance(px, py, ax, ay, bx, by):
+    """Distance of each pixel to the segment A-B; points (N,) broadcast to (N, 1, H, W)."""
+    ax, ay, bx, by = map(_v, (ax, ay, bx, by))
+    dx, dy = bx - ax, by - ay
+    t = (((px - ax) * dx + (py - ay) * dy) / (dx * dx + dy * dy).clamp_min(1e-6)).clamp(0, 1)
+    return torch.hypot(px - ax - t * dx, py - ay - t * dy)
+
+
+class RobustAugment:
+    """The paper's flips and rotation, then the transforms above, each with its own probability.
+
+    Args:
+        probs: ``{transform: probability}`` over ``TRANSFORMS``; a missing name is never applied.
+        paper: the paper's augmentation, applied first (None: none).
+
+    Shape:
+        images: float (B, 3, H, W) in 0..255; masks: float (B, 1, H, W) in {0, 1}. Returns new
+        tensors of the same shapes, images clamped to 0..255, masks in {0, 1}.
+
+    Note:
+        All randomness comes from the CPU ``generator``: the paper's 4 draws per sample, then a fixed
+        block of uniform draws and texture lattices per sample, whichever transforms fire, so the
+        stream, and a resumed run's batches, depend on the batch size only and not on the device.
+        Sensor noise is cut from a fixed Gaussian noise bank (seeded once) at drawn offsets.
+        The zoom priorities are exclusive: ``zoom_in`` applies to samples not zoomed out and
+        ``translate`` to samples neither zoomed out nor in; ``texture_canvas`` to samples whose
+        canvas is not another photo's skin.
+    """
+
+    def __init__(self, probs: Mapping[str, float], paper: PaperAugment | None = None):
+        self.probs = check_robust_config(probs)
+        self.paper = paper
+        self._p = torch.tensor([self.probs.get(name, 0.0) for name in TRANSFORMS], dtype=torch.float64)
+        self._bank: torch.Tensor | None = None
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _noise_bank(self, h: int, w: int, like: torch.Tensor) -> torch.Tensor:
+        shape = (3, h + _NOISE_MARGIN, w + _NOISE_MARGIN)
+        bank = self._bank
+        if bank is None or bank.shape != shape or bank.device != like.device or bank.dtype != like.dtype:
+            bank = torch.randn(shape, generator=torch.Generator().manual_seed(0x5C50), dtype=torch.float32)
+            self._bank = bank = bank.to(device=like.device, dtype=like.dtype)
+        return bank
+
+    @staticmethod
+    def _apply(fired: torch.Tensor, fn, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``fn(idx, *subsets)`` on the samples that fired; the others pass untouched.
+
+        A subset's results are written into ``tensors`` in place (they belong to this call), so
+        the cost follows the number of samples transformed.
+        """
+        idx = fired.nonzero().squeeze(1)
+        if idx.numel() == 0:
+            return tensors
+        if idx.numel() == len(fired):
+            return fn(idx, *tensors)
+        dev = idx.to(tensors[0].device)
+        results = fn(idx, *(t[dev] for t in tensors))
+        for t, r in zip(tensors, results):
+            t[dev] = r
+        return tensors
+
+    # -- the call ----------------------------------------------------------------------------
+
+    def __call__(self, images: torch.Tensor, masks: torch.Tensor,
+                 generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        if not (images.is_floating_point() and masks.is_floating_point()):
+            raise TypeError("RobustAugment expects float images and masks (convert uint8 first)")
+        b, _, h, w = images.shape
+        source, source_masks = images, masks
+        # Each pixel's distance to the photo's border rides along as a channel: after the paper's
+        # rotation and the zoom it tells where the photo ends (0 outside) and feathers that edge.
+        xs, ys = _pixels(h, w, images)
+        dist = torch.minimum(torch.minimum(xs, w - xs), torch.minimum(ys, h - ys)).expand(b, 1, h, w)
+        x = torch.cat([images, dist], 1)
+        if self.paper is not None:
+            x, masks = self.paper(x, masks, generator)
+        masks = masks.clone() if masks is source_masks else masks  # written in place below
+        draws = torch.rand(b, _NUM_DRAWS, generator=generator, dtype=torch.float64)
+        lattice = torch.rand(b, _NUM_LATTICE, generator=generator, dtype=torch.float32)
+        col = {name: draws[:, s] for name, s in _OFFSETS.items()}
+        fire = dict(zip(TRANSFORMS, (col["fire"] < self._p).unbind(1)))
+
+        x, masks, scale = self._geometry(x, masks, col, fire)
+        x, masks = self._surroundings(x, masks, scale, source, source_masks, lattice, col, fire)
+        if fire["fingers"].any():
+            x, masks = self._apply(fire["fingers"], lambda i, a, m: self._fingers(a, m, col["fingers"][i]), x, masks)
+        if fire["ruler"].any():
+            x, masks = self._apply(fire["ruler"], lambda i, a, m: self._ruler(a, m, col["ruler"][i]), x, masks)
+        if fire["frame"].any():
+            x, masks = self._apply(fire["frame"], lambda i, a, m: self._frame(a, m, col["frame"][i]), x, masks)
+        for name in ("color", "illumination", "blur", "noise", "jpeg"):
+            if fire[name].any():
+                fn = getattr(self, "_" + name)
+                (x,) = self._apply(fire[name], lambda i, a, fn=fn, name=name: (fn(a, col[name][i]),), x)
+        return x.clamp_(0, 255), masks
+
+    # -- geometry and surroundings ---------------------------------------------------------------
+
+    def _geometry(self, x, masks, col, fire):
+        """Zoom out, zoom in or translate: x = [image, dist] (B, 4, H, W); returns the zoom factor (B,).
+
+        Integer placements and crops with ``interpolate`` (antialiased when shrinking), per sample:
+        several times cheaper on the CPU than a blur and a sampling grid.
+        """
+        b, _, h, w = x.shape
+        zoom_out = fire["zoom_out"]
+        zoom_in = fire["zoom_in"] & ~zoom_out
+        shift = fire["translate"] & ~zoom_out & ~zoom_in
+        scale = torch.ones(b, dtype=torch.float64)
+        moved = (zoom_out | zoom_in | shift).nonzero().squeeze(1).tolist()
+        if not moved:
+            return x, masks, scale
+        g = col["geometry"]
+        aspect = _log_lerp(0.8, 1.25, g[:, 1]).sqrt()
+        # zoom_out: the photo's share of the frame per axis; zoom_in: the window's share of the photo
+        share = torch.where(zoom_out, _log_lerp(0.3, 0.9, g[:, 0]), _log_lerp(0.5, 0.9, g[:, 0]))
+        share = torch.stack([share / aspect, share * aspect], 1).clamp(max=0.95)  # (height, width)
+        for i in moved:
+            hs, ws = max(1, round(share[i, 0].item() * h)), max(1, round(share[i, 1].item() * w))
+            oy, ox = round(g[i, 2].item() * (h - hs)), round(g[i, 3].item() * (w - ws))
+            xi, mi = x[i:i + 1], masks[i:i + 1]
+            if zoom_out[i]:
+                small = F.interpolate(xi, size=(hs, ws), mode="bilinear", antialias=True, align_corners=False)
+                x[i].zero_()
+                x[i, :, oy:oy + hs, ox:ox + ws] = small[0]
+                small_mask = F.interpolate(mi, size=(hs, ws), mode="nearest-exact")
+                masks[i].zero_()
+                masks[i, :, oy:oy + hs, ox:ox + ws] = small_mask[0]
+                scale[i] = min(hs / h, ws / w)
+            elif zoom_in[i]:
+                x[i] = F.interpolate(xi[..., oy:oy + hs, ox:ox + ws], size=(h, w), mode="bilinear",
+                                     align_corners=False)[0]
+                masks[i] = F.interpolate(mi[..., oy:oy + hs, ox:ox + ws], size=(h, w), mode="nearest-exact")[0]
+                scale[i] = min(h / hs, w / ws)
+            else:  # a shift of up to 0.3 of the side either way, what it uncovers left empty
+                dy, dx = round((g[i, 2].item() - 0.5) * 0.6 * h), round((g[i, 3].item() - 0.5) * 0.6 * w)
+                x[i], masks[i] = _shift(xi[0], dy, dx), _shift(mi[0], dy, dx)
+        return x, masks, scale
+
+    def _surroundings(self, x, masks, scale, source, source_masks, lattice, col, fire):
+        """Fill where the photo does not reach with a canvas; drops the distance channel."""
+        image, dist = x[:, :3], x[:, 3:]
+        # Untouched photos have 0.5 at their edge pixels; less means some pixel lies outside.
+        need = (dist.flatten(1).amin(1) < 0.49).cpu()
+        if not need.any():
+            return image, masks
+        border = _border_mean(source)
+
+        def fill(idx, img, m, d):
+            cv, cm = self._canvas(idx, source, source_masks, border, lattice, col, fire, *img.shape[-2:])
+            # A soft seam 2..24 px wide, at most an eighth of the photo's side as shown.
+            zoom = scale[idx]
+            feather = torch.minimum(_lerp(2.0, 24.0, col["feather"][idx, 0]), 0.125 * zoom * min(img.shape[-2:]))
+            alpha = (d * _v(zoom.to(img)) / _v(feather.clamp_min(1.0).to(img))).clamp(0, 1)
+            return torch.lerp(cv, img, alpha), torch.where(alpha >= 0.5, m, cm)
+
+        image, masks = self._apply(need, lambda i, a, m: fill(i, a, m, dist[i.to(dist.device)]), image, masks)
+        return image, masks
+
+    def _canvas(self, idx, source, source_masks, border, lattice, col, fire, h, w):
+        """Canvases (N, 3, H, W), masks 0, for samples ``idx``: skin of another photo, texture or flat."""
+        dev = source.device
+        cols = col["canvas"][idx]
+        target = border[idx.to(dev)]
+        flat = target * (1 + 0.2 * (2 * cols[:, 0:3].to(source) - 1))
+        canvas = flat[:, :, None, None].expand(-1, -1, h, w)
+        cmask = torch.zeros(1, 1, 1, 1, device=dev, dtype=source.dtype).expand(len(idx), 1, h, w)
+        skin = fire["skin_canvas"][idx]
+        donors = self._donors(idx[skin], cols[skin, 3], source, source_masks) if skin.any() else []
+        texture = fire["texture_canvas"][idx] & ~skin
+        for k, d in zip(skin.nonzero().squeeze(1).tolist(), donors):
+            texture[k] = d is None and bool(fire["texture_canvas"][idx[k]])  # no clean skin in the batch
+        if not (any(d is not None for d in donors) or texture.any()):
+            return canvas, cmask  # flat colours, never materialised
+        canvas = canvas.contiguous()
+        for k, d in zip(skin.nonzero().squeeze(1).tolist(), donors):
+            if d is None:
+                continue
+            j, y0, x0, kh, kw = d
+            dims = [dim for dim, u in ((-1, cols[k, 4]), (-2, cols[k, 5])) if u < 0.5]
+            win = source[j:j + 1, :, y0:y0 + kh, x0:x0 + kw]
+            sk = F.interpolate(win.flip(dims) if dims else win, size=(h, w), mode="bilinear", align_corners=False)[0]
+            # Pull the borrowed skin's tone most of the way towards this photo's own skin.
+            ratio = (target[k] / sk.mean((1, 2)).clamp_min(1.0)).clamp(0.5, 2.0)
+            canvas[k] = sk * (1 + _lerp(0.5, 1.0, cols[k, 6].item()) * (ratio[:, None, None] - 1))
+        if texture.any():
+            t = texture.nonzero().squeeze(1)
+            canvas[t.to(dev)] = self._texture(col["texture"][idx[t]], lattice[idx[t]].to(dev), h, w, source)
+        return canvas, cmask
+
+    @staticmethod
+    def _donors(own, start, source, source_masks):
+        """For each sample in ``own``, a lesion-free half-size window of another photo of the batch.
+
+        Of each photo's 3x3 half-size windows (quarter-side stride) the one with the least lesion
+        and near-black frame; the donor is the first photo after a drawn one (never the sample
+        itself) whose window is clean: lesion at most 0.5 %, dark at most 5 %. Returns
+        ``(photo, y0, x0, height, width)`` or None where no photo qualifies.
+        """
+        b, _, h, w = source.shape
+        kh, kw, sh, sw = max(h // 2, 1), max(w // 2, 1), max(h // 4, 1), max(w // 4, 1)
+        lesion = F.avg_pool2d(source_masks, (kh, kw), (sh, sw)).flatten(1)
+        dark = F.avg_pool2d((source.mean(1, keepdim=True) < 50).to(source.dtype), (kh, kw), (sh, sw)).flatten(1)
+        best = (lesion + dark).argmin(1, keepdim=True)
+        clean = ((lesion.gather(1, best) <= 0.005) & (dark.gather(1, best) <= 0.05))[:, 0].tolist()
+        best, gw = best[:, 0].tolist(), (w - kw) // sw + 1
+        out = []
+        for i, u in zip(own.tolist(), start.tolist()):
+            first = int(u * (b - 1))
+            order = [(i + 1 + (first + t) % (b - 1)) % b for t in range(b - 1)]
+            j = next((j for j in order if clean[j]), None)
+            out.append(None if j is None else (j, (best[j] // gw) * sh, (best[j] % gw) * sw, kh, kw))
+        return out
+
+    @staticmethod
+    def _octaves(lattice: torch.Tensor, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Value noise (N, 1, H, W) of about unit variance: coarse (lattices 4 and 8) and medium (16 and 32)."""
+        levels, start = [], 0
+        for s in _LATTICES:
+            grid = (lattice[:, start:start + s * s].view(-1, 1, s, s) - 0.5) * math.sqrt(12)
+            levels.append(F.interpolate(grid, size=(64, 64), mode="bicubic", align_corners=False))
+            start += s * s
+        bands = torch.cat([levels[0] + 0.5 * levels[1], levels[2] + 0.5 * levels[3]], 1)
+        low, mid = F.interpolate(bands, size=(h, w), mode="bilinear", align_corners=False).split(1, 1)
+        return low, mid
+
+    def _grain(self, offsets: torch.Tensor, h: int, w: int, like: torch.Tensor) -> torch.Tensor:
+        """Pixel-level Gaussian noise (N, 3, H, W): crops of the fixed bank at offsets drawn in 0..1 (N, 2)."""
+        bank = self._noise_bank(h, w, like)
+        pos = (offsets * (_NOISE_MARGIN + 1)).long().clamp(max=_NOISE_MARGIN).tolist()
+        return torch.stack([bank[:, oy:oy + h, ox:ox + w] for oy, ox in pos])
+
+    def _texture(self, cols, lattice, h, w, like):
+        """Procedural cloth (weave, stripes, folds), glove (tinted, folds, sheen) or paper (white, grain)."""
+        c = cols.to(like)
+        low, mid = self._octaves(lattice.to(like), h, w)
+        fine = self._grain(cols[:, 12:14], h, w, like)[:, :1]
+        tint = c[:, 1:4]
+        kind = (cols[:, 0] * 3).long().clamp(max=2).tolist()  # 0 cloth, 1 glove, 2 paper
+        out = torch.empty(len(c), 3, h, w, device=like.device, dtype=like.dtype)
+        for k in sorted(set(kind)):
+            i = torch.tensor([j for j, kd in enumerate(kind) if kd == k], device=like.device)
+            ci, lo, me, fi, ti = c[i], low[i], mid[i], fine[i], tint[i]
+            if k == 0:  # cloth of any colour: a plain weave warped by the folds, stripes in 40 %
+                xs, ys = _pixels(h, w, like)
+                angle, period = _v(ci[:, 4] * math.pi), _v(_lerp(3.0, 9.0, ci[:, 5]))
+                u = (xs * torch.cos(angle) + ys * torch.sin(angle)) / period + 0.6 * lo
+                v = (ys * torch.cos(angle) - xs * torch.sin(angle)) / period + 0.6 * me
+                weave = torch.sin(2 * math.pi * u) * torch.sin(2 * math.pi * v)
+                stripes = torch.sin(2 * math.pi * u / _v(_lerp(4.0, 14.0, ci[:, 6])))
+                amp = _v(torch.where(ci[:, 7] < 0.4, _lerp(0.0, 0.25, ci[:, 8]), torch.zeros_like(ci[:, 8])))
+                shade = 1 + _v(_lerp(0.04, 0.18, ci[:, 9])) * weave + amp * stripes + 0.12 * lo + 0.03 * fi
+                out[i] = (40 + 190 * ti)[:, :, None, None] * shade
+            elif k == 1:  # glove: a palette colour, broad folds and a soft sheen
+                pick = (ci[:, 10] * len(_GLOVE)).long().clamp(max=len(_GLOVE) - 1)
+                base = torch.tensor(_GLOVE, dtype=like.dtype, device=like.device)[pick] * (0.9 + 0.2 * ti)
+                out[i] = base[:, :, None, None] * (1 + 0.15 * lo + 0.04 * me) + 20 * (lo - 1.0).clamp_min(0)
+            else:  # paper: near white, slightly warm or cool, a faint shading and grain
+                base = (236 + 14 * ci[:, 11:12]) * (0.97 + 0.05 * ti)
+                out[i] = base[:, :, None, None] * (1 + 0.05 * lo + 0.025 * fi)
+        return out
+
+    # -- things in front of the skin --------------------------------------------------------------
+
+    def _fingers(self, x, masks, c):
+        """One or two shaded skin-toned fingers entering from an edge, with a soft shadow; mask 0 there."""
+        n, _, h, w = x.shape
+        c = c.to(x)
+        side = min(h, w)
+        edge = (c[:, 0] * 4).long().clamp(max=3)  # 0 top, 1 bottom, 2 left, 3 right
+        along = _lerp(0.15, 0.85, c[:, 1])
+        ex = torch.where(edge < 2, along * w, torch.where(edge == 2, 0.0, float(w)))
+        ey = torch.where(edge >= 2, along * h, torch.where(edge == 0, 0.0, float(h)))
+        inward = torch.tensor([math.pi / 2, -math.pi / 2, 0.0, math.pi], dtype=x.dtype, device=x.device)[edge]
+        ang = inward + _lerp(-0.6, 0.6, c[:, 3])
+        dx, dy = torch.cos(ang), torch.sin(ang)
+        radius = _lerp(0.05, 0.12, c[:, 4]) * side
+        depth = _lerp(0.15, 0.5, c[:, 2]) * side
+        # A second, neighbouring finger in half the cases, its tip a little shorter or longer.
+        sign = torch.where(c[:, 6] < 0.5, -1.0, 1.0).to(x)
+        ox, oy = -dy * 2.05 * radius * sign, dx * 2.05 * radius * sign
+        depth2 = depth * _lerp(0.7, 1.15, c[:, 7])
+        two = _v(c[:, 5] < 0.5)
+
+        def distance(xs, ys):
+            d1 = _segment_distance(xs, ys, ex - dx * side, ey - dy * side, ex + dx * depth, ey + dy * depth)
+            d2 = _segment_distance(xs, ys, ex + ox - dx * side, ey + oy - dy * side,
+                                   ex + ox + dx * depth2, ey + oy + dy * depth2)
+            return torch.where(two, torch.minimum(d1, d2), d1)
+
+        r = _v(radius)
+        dist = _smooth_field(distance, h, w, x)
+        alpha = (r - dist + 0.5).clamp(0, 1)
+        t = (dist / r).clamp(max=1)
+        shade = 0.55 + 0.45 * (1 - t * t).clamp_min(0).sqrt()  # a cylinder lit from the front
+        shadow = 1 - 0.35 * (1 - (dist - r) / (0.6 * r)).clamp(0, 1)  # a soft shadow beside it
+        pick = (c[:, 8] * len(_SKIN)).long().clamp(max=len(_SKIN) - 1)
+        warm = 0.04 * (c[:, 10] - 0.5)
+        tone = (torch.tensor(_SKIN, dtype=x.dtype, device=x.device)[pick] * _lerp(0.9, 1.1, c[:, 9:10])
+                * torch.stack([1 + warm, torch.ones_like(warm), 1 - warm], 1))
+        return torch.lerp(x * shadow, tone[:, :, None, None] * shade, alpha), masks * (alpha < 0.5)
+
+    def _ruler(self, x, masks, c):
+        """A graduated strip (mm ticks, longer every 5 and 10) along an edge, slightly sheared; mask 0 there.
+
+        Drawn along the top edge of a frame turned so that its edge is on top, then turned back.
+        """
+        n, _, h, w = x.shape
+        c = c.to(x)
+        side = min(h, w)
+        alpha = torch.empty(n, 1, h, w, device=x.device, dtype=x.dtype)
+        tick = torch.empty_like(alpha)
+        turns = (c[:, 0] * 4).long().clamp(max=3).tolist()  # quarter turns: top, left, bottom, right edge
+        for i, k in enumerate(turns):
+            hh, ww = (h, w) if k % 2 == 0 else (w, h)
+            xs, ys = _pixels(hh, ww, x)
+            into = ys + (xs - ww / 2) * math.tan(_lerp(-0.15, 0.15, c[i, 1]).item()) - _lerp(0.0, 0.12, c[i, 2]) * side
+            width = _lerp(0.06, 0.12, c[i, 3]) * side
+            a = (into + 0.5).clamp(0, 1) * (width - into + 0.5).clamp(0, 1)
+            period = _lerp(3.0, 8.0, c[i, 4])
+            j = torch.floor(xs / period + 0.5)
+            off = (xs / period - j).abs() * period  # pixels to the nearest tick, along the edge only
+            length = width * (0.25 + 0.2 * (j % 5 == 0) + 0.25 * (j % 10 == 0))
+            t = (1.0 - off).clamp(0, 1) * (into < length)
+            alpha[i], tick[i] = torch.rot90(a[0], -k, (-2, -1)), torch.rot90(t[0], -k, (-2, -1))
+        kind = (c[:, 5] * 3).long().clamp(max=2)  # white, yellow or grey plastic
+        body = torch.tensor(((238, 238, 232), (232, 214, 140), (205, 210, 212)), dtype=x.dtype, device=x.device)[kind]
+        strip = torch.lerp((body * _lerp(0.9, 1.05, c[:, 6:7]))[:, :, None, None], torch.full_like(tick, 30.0), tick)
+        return torch.lerp(x, strip, alpha), masks * (alpha < 0.5)
+
+    def _frame(self, x, masks, c):
+        """A dermoscope's round field of view: near-black outside a circle; mask 0 there."""
+        n, _, h, w = x.shape
+        c = c.to(x)
+        cx = _v((0.5 + _lerp(-0.08, 0.08, c[:, 0])) * w)
+        cy = _v((0.5 + _lerp(-0.08, 0.08, c[:, 1])) * h)
+        radius = _v(_lerp(0.42, 0.68, c[:, 2]) * min(h, w))
+        dist = _smooth_field(lambda xs, ys: torch.hypot(xs - cx, ys - cy), h, w, x)
+        outside = torch.sigmoid((dist - radius) / _v(_lerp(0.7, 5.0, c[:, 3])))
+        return torch.lerp(x, _v(_lerp(0.0, 22.0, c[:, 4])).expand_as(x), outside), masks * (outside < 0.5)
+
+    # -- photometric -----------------------------------------------------------------------------
+
+    @staticmethod
+    def _color(x, c):
+        """Saturation, contrast (about the mean grey), colour temperature and brightness: one affine map per sample."""
+        c = c.to(x)
+        n = len(c)
+        luma = torch.tensor([0.299, 0.587, 0.114], dtype=x.dtype, device=x.device)
+        eye = torch.eye(3, dtype=x.dtype, device=x.device)
+        sat, con = _v(_lerp(0.6, 1.4, c[:, 2]))[:, :, 0], _v(_log_lerp(0.7, 1.4, c[:, 1]))[:, :, 0]
+        temp = _lerp(-0.15, 0.15, c[:, 3])
+        gain = torch.stack([1 + temp, torch.ones_like(temp), 1 - temp], 1) * _log_lerp(0.7, 1.35, c[:, 0])[:, None]
+        # grey + s (x - grey), then mean + k (. - mean): the grey level is unchanged by the first.
+        mix = sat * eye + (1 - sat) * luma.expand(3, 3)  # (N, 3, 3)
+        mean = torch.einsum("j,njhw->n", luma, x) / (x.shape[-1] * x.shape[-2])
+        matrix = gain[:, :, None] * con * mix
+        offset = gain * ((1 - con[:, :, 0]) * mean[:, None])
+        return torch.einsum("nij,njhw->nihw", matrix, x) + offset[:, :, None, None]
+
+    @staticmethod
+    def _illumination(x, c):
+        """A linear light gradient in a random direction times a vignette about an off-centre point."""
+        n, _, h, w = x.shape
+        c = c.to(x)
+        ang = _v(c[:, 0] * 2 * math.pi)
+        strength, vig = _v(_lerp(0.0, 0.5, c[:, 1])), _v(_lerp(0.0, 0.55, c[:, 2]))
+        cx, cy = _v(_lerp(-0.3, 0.3, c[:, 3])), _v(_lerp(-0.3, 0.3, c[:, 4]))
+
+        def light(xs, ys):
+            gx, gy = 2 * xs / w - 1, 2 * ys / h - 1
+            ramp = 1 + strength * 0.5 * (gx * torch.cos(ang) + gy * torch.sin(ang))
+            return ramp * (1 - vig * (((gx - cx) ** 2 + (gy - cy) ** 2) / 2).clamp(max=1))
+
+        return x * _smooth_field(light, h, w, x, factor=8)
+
+    @staticmethod
+    def _blur(x, c):
+        """Defocus-like blur: shrunk (antialiased) by 1.3..3x and enlarged back."""
+        h, w = x.shape[-2:]
+        out = torch.empty_like(x)
+        for i, f in enumerate(_lerp(1.3, 3.0, c[:, 0]).tolist()):
+            small = F.interpolate(x[i:i + 1], size=(max(1, round(h / f)), max(1, round(w / f))), mode="bilinear",
+                                  antialias=True, align_corners=False)
+            out[i] = F.interpolate(small, size=(h, w), mode="bilinear", align_corners=False)[0]
+        return out
+
+    def _noise(self, x, c):
+        noise = self._grain(c[:, 1:3], *x.shape[-2:], x)
+        return torch.addcmul(x, noise, _v(_lerp(2.0, 10.0, c[:, 0]).to(x)))
+
+    @staticmethod
+    def _jpeg(x, c):
+        return jpeg_like(x.clamp_(0, 255), _lerp(30.0, 90.0, c[:, 0]).round().to(x.device))
+
+    def __repr__(self) -> str:
+        probs = ", ".join(f"{k}={v}" for k, v in self.probs.items())
+        return f"{type(self).__name__}({probs}; paper={self.paper!r})"
