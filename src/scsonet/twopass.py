@@ -151,15 +151,19 @@ def _border_share(mask: np.ndarray) -> float:
 
 def two_pass_batch(images: Sequence[np.ndarray], segmenter: Segmenter, *, threshold: float = 0.5,
                    context: float = CONTEXT, max_crop_share: float = MAX_CROP_SHARE,
-                   outside: str = OUTSIDE) -> list[tuple[np.ndarray, TwoPassInfo]]:
+                   outside: str = OUTSIDE, first: Optional[np.ndarray] = None) -> list[tuple[np.ndarray, TwoPassInfo]]:
     """Two-pass probabilities of RGB uint8 images of any sizes, pass 1 and pass 2 each in one batch.
 
-    Returns, per image, float32 probabilities at the image's size and its ``TwoPassInfo``.
+    ``first``: pass-1 probabilities (B, h, w) at the model's size if already computed (None: run
+    pass 1 here). Returns, per image, float32 probabilities at the image's size and its ``TwoPassInfo``.
     """
     if outside not in ("zero", "pass1"):
         raise ValueError(f"outside must be 'zero' or 'pass1', got {outside!r}")
     size = tuple(segmenter.input_size)
-    first = segmenter.predict_probs(np.stack([resize_image(rgb, size) for rgb in images]))
+    if first is None:
+        first = segmenter.predict_probs(np.stack([resize_image(rgb, size) for rgb in images]))
+    elif len(first) != len(images) or tuple(first.shape[1:]) != size:
+        raise ValueError(f"first: expected ({len(images)}, {size[0]}, {size[1]}) probabilities, got {first.shape}")
     results: list[tuple[np.ndarray, TwoPassInfo]] = []
     crops: list[tuple[int, list[int]]] = []
     for k, (rgb, p1) in enumerate(zip(images, first)):
