@@ -254,12 +254,12 @@ def evaluate_folder(
         for start in range(0, len(pairs), batch_size):
             chunk = []
             for pair in pairs[start:start + batch_size]:
-                image_id, image, mask, problem = _decode(pair, None)
+                _, image, mask, problem = _decode(pair, None)  # None: each file at its own size
                 if problem:
                     problems.append(problem)
                 else:
                     chunk.append((pair, image, mask))
-            bar.update(len(pairs[start:start + batch_size]))
+                bar.update()
             if not chunk or (problems and not skip_bad):
                 continue  # the run will fail: only look for further bad inputs, to name them all
             for (pair, image, mask), probs in zip(chunk, predict_probabilities([c[1] for c in chunk], segmenter)):
