@@ -181,3 +181,79 @@ def test_deep_supervision_side_outputs_enter_the_loss(prepared, tmp_path, monkey
     seen.clear()
     train(_cfg(prepared, tmp_path, epochs=1, processes=1))  # scsonet has no side outputs
     assert seen == []
+
+
+def test_budget_stop_reads_no_test_and_the_resume_tests_once_keeping_the_history(prepared, tmp_path, monkeypatch,
+                                                                                  capsys):
+    from scsonet.data import PreparedData
+    from scsonet.train import read_segments
+
+    reads = []
+    real_load = PreparedData.load
+    monkeypatch.setattr(PreparedData, "load", lambda self, split: reads.append(split) or real_load(self, split))
+    run_dir = train(_cfg(prepared, tmp_path, epochs=3, processes=1, max_minutes=1e-6))  # spent after epoch 1
+    out = capsys.readouterr().out
+    assert "test" not in reads and not (run_dir / "test").exists()
+    assert "the test split was not read" in out and f"scsonet train --resume {run_dir}" in out
+    assert torch.load(run_dir / "last.pt", weights_only=False)["epoch"] == 0
+    config_before = (run_dir / "config.yaml").read_bytes()
+
+    resumed = train(load_config(run_dir / "config.yaml", ["max_minutes=0"]), resume=run_dir)  # as the CLI does
+    assert resumed == run_dir and reads.count("test") == 1 and (run_dir / "test" / "report.json").is_file()
+    assert (run_dir / "config.yaml").read_bytes() == config_before  # the first segment's, override and all
+    first, second = read_segments(run_dir)
+    assert (first["first_epoch"], first["last_epoch"], first["stopped"], first["test_read"]) == (1, 1, "time budget", False)
+    assert (second["first_epoch"], second["last_epoch"], second["stopped"], second["test_read"]) == (2, 3, "completed", True)
+    assert (first["resumed"], second["resumed"]) == (False, True)
+    assert first["config"]["max_minutes"] == 1e-6 and second["config"]["max_minutes"] == 0.0
+    assert all(r["wall_seconds"] >= 0 and r["ended_at"] >= r["started_at"] and r["scsonet_version"] for r in (first, second))
+    assert len(list(csv.DictReader(open(run_dir / "log.csv")))) == 3
+    with pytest.raises(ScsonetError, match="already trained to epoch 3 of 3 and tested"):
+        train(load_config(run_dir / "config.yaml"), resume=run_dir)  # test is never read a second time
+    assert reads.count("test") == 1
+
+
+def test_a_segment_left_running_is_recorded_as_killed_by_the_next(tmp_path):
+    from scsonet.train import _Segment, read_segments
+
+    cfg = TrainConfig(epochs=5)
+    first = _Segment(tmp_path, cfg, done_epochs=0, resumed=False)  # then kill -9: no end is written
+    assert read_segments(tmp_path)[0]["stopped"] == "running"
+    _Segment(tmp_path, cfg, done_epochs=3, resumed=True)  # resumed from last.pt of epoch 3
+    killed, running = read_segments(tmp_path)
+    assert (killed["segment"], killed["stopped"], killed["last_epoch"], killed["ended_at"]) == (1, "killed", 3, None)
+    assert (running["segment"], running["first_epoch"], running["stopped"]) == (2, 4, "running")
+    assert killed["started_at"] == first.record["started_at"]
+    (tmp_path / "segments.jsonl").write_text("not json\n")
+    with pytest.raises(ScsonetError, match="line 1 is not a segment record"):
+        read_segments(tmp_path)
+
+
+def test_non_finite_loss_before_any_checkpoint_names_none(prepared, tmp_path, monkeypatch):
+    import scsonet.train as train_module
+
+    class NanLoss(train_module.BceDiceLoss):
+        def forward(self, logits, targets):
+            return super().forward(logits, targets) * float("nan")
+
+    monkeypatch.setattr(train_module, "BceDiceLoss", NanLoss)
+    with pytest.raises(train_module.NonFiniteLoss, match="no checkpoint was written yet") as info:
+        train(_cfg(prepared, tmp_path, epochs=2, processes=1))  # the loss stays in this process
+    run_dir = tmp_path / "scsonet-honest-s42"
+    assert "last.pt" not in str(info.value) and not (run_dir / "last.pt").exists()
+    (record,) = train_module.read_segments(run_dir)
+    assert (record["stopped"], record["last_epoch"], record["test_read"]) == ("non-finite loss", 0, False)
+
+
+def test_benchmark_resumes_a_run_that_its_time_budget_stopped(prepared, tmp_path):
+    import dataclasses
+
+    from scsonet.benchmark import ensure_run
+
+    cfg = _cfg(prepared, tmp_path, epochs=2, processes=1, max_minutes=1e-6, run_name="budget")
+    lines = []
+    with pytest.raises(ScsonetError, match="time budget after epoch 1 of 2, before reading test"):
+        ensure_run(cfg, log=lines.append)
+    assert not (tmp_path / "budget" / "test").exists()
+    report = ensure_run(dataclasses.replace(cfg, max_minutes=0.0), log=lines.append)  # max_minutes: runtime only
+    assert lines[-1].startswith("resuming") and 0 <= report["pooled"]["dsc"] <= 1

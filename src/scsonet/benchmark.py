@@ -26,7 +26,7 @@ from ._io import atomic_path, write_text_atomic
 from .complexity import measure
 from .errors import ScsonetError
 from .models import create_model
-from .train import PROTOCOLS, TrainConfig, load_config, train
+from .train import PROTOCOLS, TrainConfig, load_config, read_segments, train
 
 __all__ = ["BenchmarkResult", "TableRow", "PUBLISHED", "PAPER_COLUMNS", "run_benchmark", "ensure_run",
            "check_run_config", "format_markdown", "format_csv", "plot_dsc_vs_macs"]
@@ -215,6 +215,10 @@ def ensure_run(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str
     else:
         log(f"training {cfg.epochs} epochs, {cfg.protocol} protocol -> {run_dir}")
         train(cfg)
+    last = {} if (run_dir / REPORT).is_file() else (read_segments(run_dir) or [{}])[-1]
+    if last.get("stopped") == "time budget":  # untested by design: the same command again resumes it
+        raise ScsonetError(f"{run_dir}: stopped on its time budget after epoch {last.get('last_epoch')} of "
+                           f"{cfg.epochs}, before reading test; run the same command again to continue it")
     return _read_report(run_dir)
 
 

@@ -9,7 +9,10 @@ Two processes with torch.distributed (gloo on the CPU, NCCL on GPUs):
 
 Protocols: ``honest`` fits on train, selects the checkpoint on val and reads test once, at the
 end; ``paper`` fits on train+val and selects on test, as the published tables did (every output
-of such a run says so).
+of such a run says so). A run stopped by its time budget (``max_minutes``) does not read test:
+``--resume`` continues it, and the run that reaches the last epoch tests. The run directory
+keeps the first segment's ``config.yaml``; ``segments.jsonl`` gets one record per segment (fresh
+start or resume): epochs, wall times, why it stopped, its config, version and commit.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import contextlib
 import csv
 import dataclasses
 import io
+import json
 import math
 import os
 import time
@@ -46,6 +50,8 @@ PROTOCOLS = {
     "paper": (("train", "val"), "test"),
 }
 LOG_COLUMNS = ("epoch", "lr", "loss", "select_split", "select_dsc", "select_miou", "best_dsc", "seconds")
+SEGMENTS = "segments.jsonl"  # one JSON record per training segment, in the run directory
+TEST_REPORT = Path("test") / "report.json"
 
 
 @dataclass
@@ -215,6 +221,78 @@ def _write_log(path: Path, history: list[dict[str, Any]]) -> None:
     write_text_atomic(path, buf.getvalue())
 
 
+def read_segments(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """The records of ``run_dir/segments.jsonl``, oldest first (none for a run that predates it)."""
+    path = Path(run_dir) / SEGMENTS
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    except OSError as err:
+        raise ScsonetError(f"{path}: cannot read the run's segment records ({err.strerror})") from None
+    records = []
+    for n, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if not isinstance(record, dict):
+            raise ScsonetError(f"{path}: line {n} is not a segment record")
+        records.append(record)
+    return records
+
+
+class _Segment:
+    """This process's record in ``segments.jsonl``: written at the start as ``running``, then
+    rewritten once with why it stopped. A record still ``running`` when a later segment starts
+    belonged to a process that died without a word (kill -9, power cut): it becomes ``killed``."""
+
+    def __init__(self, run_dir: Path, cfg: TrainConfig, done_epochs: int, resumed: bool):
+        from . import __version__
+        from .publish import _git_commit
+
+        self.path = run_dir / SEGMENTS
+        self.records = read_segments(run_dir)
+        for record in self.records:
+            if record.get("stopped") == "running":
+                record["stopped"] = "killed"
+                record["last_epoch"] = done_epochs if resumed else record.get("first_epoch", 1) - 1
+        self.started = time.time()
+        self.record = {"segment": len(self.records) + 1, "resumed": resumed, "first_epoch": done_epochs + 1,
+                       "last_epoch": done_epochs, "epochs": cfg.epochs, "started_at": _utc(self.started),
+                       "ended_at": None, "wall_seconds": None, "stopped": "running", "test_read": False,
+                       "scsonet_version": __version__, "git_commit": _git_commit(),
+                       "config": dataclasses.asdict(cfg)}
+        self.records.append(self.record)
+        self._write()
+
+    def end(self, stopped: str, history: list[dict[str, Any]], test_read: bool) -> None:
+        now = time.time()
+        self.record.update(last_epoch=int(history[-1]["epoch"]) if history else 0, ended_at=_utc(now),
+                           wall_seconds=round(now - self.started, 1), stopped=stopped, test_read=test_read)
+        self._write()
+
+    def _write(self) -> None:
+        write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
+
+
+def _utc(seconds: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
+
+
+def _stop_reason(err: BaseException) -> str:
+    if isinstance(err, NonFiniteLoss):
+        return "non-finite loss"
+    if isinstance(err, (KeyboardInterrupt, SystemExit)):
+        return "interrupted"
+    return f"error ({type(err).__name__})"
+
+
+def _last_good(run_dir: Path) -> str:
+    last = run_dir / "last.pt"
+    return f"the last good checkpoint is {last}" if last.is_file() else f"no checkpoint was written yet ({run_dir})"
+
+
 class _GraphedStep:
     """The whole training step (forward, loss, backward, AdamW) replayed as one CUDA graph.
 
@@ -283,9 +361,13 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> Path:
         if (run_dir / "last.pt").exists():
             raise ScsonetError(f"{run_dir}: a run is already there; continue it with --resume {run_dir}")
         ckpt = None
+    if ckpt is not None and ckpt["epoch"] + 1 >= cfg.epochs and (run_dir / TEST_REPORT).is_file():
+        raise ScsonetError(f"{run_dir}: already trained to epoch {ckpt['epoch'] + 1} of {cfg.epochs} and tested; "
+                           f"nothing to resume (--set epochs=N trains on)")
     if master:
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+        if resume is None:  # a resume keeps the first segment's config; its own goes to segments.jsonl
+            write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
 
     # -- data: the test split is not touched here under the honest protocol
     data = PreparedData(cfg.data)
@@ -344,6 +426,8 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> Path:
     started = time.time()
     from tqdm import tqdm
 
+    segment = _Segment(run_dir, cfg, start_epoch, resume is not None) if master else None
+    stopped, tested = "interrupted", False
     try:
         for epoch in range(start_epoch, cfg.epochs):
             # -- one epoch over the fitting data
@@ -383,12 +467,11 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> Path:
                     value = loss.item()
                     if not math.isfinite(value):
                         raise NonFiniteLoss(f"loss became {value} at epoch {epoch + 1}, step {step + 1}; "
-                                            f"the last good checkpoint is {run_dir / 'last.pt'}")
+                                            f"{_last_good(run_dir)}")
                     bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}")
             mean_loss = (total_loss / len(loader)).item()
             if not math.isfinite(mean_loss):
-                raise NonFiniteLoss(f"loss became {mean_loss} in epoch {epoch + 1}; "
-                                    f"the last good checkpoint is {run_dir / 'last.pt'}")
+                raise NonFiniteLoss(f"loss became {mean_loss} in epoch {epoch + 1}; {_last_good(run_dir)}")
 
             # -- selection on the selection split, checkpoints and log (master only)
             if master:
@@ -416,16 +499,29 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> Path:
             if world_size > 1:
                 dist.barrier()
             if cfg.max_minutes and time.time() - started > cfg.max_minutes * 60 and epoch + 1 < cfg.epochs:
+                stopped = "time budget"
                 if master:
-                    print(f"time budget of {cfg.max_minutes} min spent after epoch {epoch + 1}; stopping", flush=True)
+                    print(f"time budget of {cfg.max_minutes} min spent after epoch {epoch + 1} of {cfg.epochs}; "
+                          f"stopped early, the test split was not read. Continue with: "
+                          f"scsonet train --resume {run_dir}", flush=True)
                 break
+        else:
+            stopped = "completed"
+        if split_step is not None:
+            split_step.close()  # before the test: the helpers' memory is not needed any more
+
+        # -- the test split, read once, with the selected checkpoint, by the run that reached the last epoch
+        if master and stopped == "completed":
+            final_test(run_dir, cfg, device)
+            tested = True
+    except BaseException as err:
+        stopped = _stop_reason(err)
+        raise
     finally:
         if split_step is not None:
             split_step.close()
-
-    # -- the test split, read once, with the selected checkpoint
-    if master:
-        final_test(run_dir, cfg, device)
+        if segment is not None:
+            segment.end(stopped, history, tested)
     if writer is not None:
         writer.close()
     if world_size > 1:
