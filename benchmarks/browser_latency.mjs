@@ -44,8 +44,10 @@ seg = OrtSegmenter(${JSON.stringify(model)}, threads=${threads})
 x = np.random.default_rng(0).standard_normal((1, 3, 256, 256)).astype(np.float32)
 for _ in range(5): seg.logits(x)
 model = []
+cpu = time.process_time()
 for _ in range(${REPEATS}):
     t = time.perf_counter(); seg.logits(x); model.append(1e3 * (time.perf_counter() - t))
+cpu = 1e3 * (time.process_time() - cpu) / ${REPEATS}
 photo = []
 for _ in range(${PHOTOS}):
     t = time.perf_counter()
@@ -53,26 +55,38 @@ for _ in range(${PHOTOS}):
     mask = predict_probabilities([rgb], seg)[0] >= seg.threshold
     draw_overlay(rgb, mask)
     photo.append(1e3 * (time.perf_counter() - t))
-print(json.dumps({"model": model, "photo": photo}))`);
+print(json.dumps({"model": model, "cpu": cpu, "photo": photo}))`);
 }
 
-async function browserModelTimes(context, url, threads, modelUrl) {
+// CPU seconds used so far by Chromium's renderer processes (the page's, while only it works).
+async function rendererCpu(cdp) {
+  const { processInfo } = await cdp.send('SystemInfo.getProcessInfo');
+  return processInfo.filter((p) => p.type === 'renderer').reduce((sum, p) => sum + p.cpuTime, 0);
+}
+
+async function browserModelTimes(browser, context, url, threads, modelUrl) {
   const { page } = await openPage(context);
   await page.goto(`${url}?threads=${threads}`);
   if ((await waitState(page, ['ready', 'error'], 120_000)) !== 'ready') throw new Error(await page.$eval('#error', (e) => e.textContent));
-  const times = await page.evaluate(async (repeats, modelUrl) => {
+  await page.evaluate(async (modelUrl) => {
     const { ort, model } = window.scsonet;
     const session = modelUrl ? await ort.InferenceSession.create(modelUrl, {
       executionProviders: ['wasm'], graphOptimizationLevel: 'all',
       freeDimensionOverrides: { batch: 1, height: 256, width: 256 } }) : model.session;
     const x = new Float32Array(3 * 256 * 256).map((_, i) => Math.sin(i));
-    const feeds = { [session.inputNames[0]]: new ort.Tensor('float32', x, [1, 3, 256, 256]) };
-    for (let i = 0; i < 5; i++) await session.run(feeds);
-    const out = [];
+    window.bench = { session, feeds: { [session.inputNames[0]]: new ort.Tensor('float32', x, [1, 3, 256, 256]) } };
+    for (let i = 0; i < 5; i++) await session.run(window.bench.feeds);
+  }, modelUrl);
+  const cdp = await browser.target().createCDPSession();
+  const cpu0 = await rendererCpu(cdp);
+  const times = await page.evaluate(async (repeats) => {
+    const { session, feeds } = window.bench, out = [];
     for (let i = 0; i < repeats; i++) { const t = performance.now(); await session.run(feeds); out.push(performance.now() - t); }
     return out;
-  }, REPEATS, modelUrl);
-  return { page, times };
+  }, REPEATS);
+  const cpuMs = (1e3 * ((await rendererCpu(cdp)) - cpu0)) / REPEATS;
+  await cdp.detach();
+  return { page, times, cpuMs };
 }
 
 async function main() {
@@ -93,15 +107,17 @@ async function main() {
     }
     for (const threads of THREADS) {
       for (const v of variants) {
-        const { page, times } = await browserModelTimes(h.context, h.url, threads, v.url);
+        const { page, times, cpuMs } = await browserModelTimes(h.browser, h.context, h.url, threads, v.url);
         const py = pythonTimes(v.file, threads);
-        const row = { threads, variant: v.args, browserModel: times, pythonModel: py.model, pythonPhoto: py.photo };
+        const row = { threads, variant: v.args, browserModel: times, browserCpu: cpuMs, pythonModel: py.model,
+          pythonCpu: py.cpu, pythonPhoto: py.photo };
         if (v.name === 'served') {
           row.browserPhoto = [];
           for (let i = 0; i < PHOTOS; i++) {
             if ((await upload(page, PHOTO)) !== 'done') throw new Error(await page.$eval('#error', (e) => e.textContent));
             const d = await page.$eval('#result', (e) => ({ ...e.dataset }));
             row.browserPhoto.push(Number(d.totalMs));
+            (row.browserFigures ??= []).push(Number(d.figuresMs));
             for (const [k, ms] of Object.entries(JSON.parse(d.timings))) (stages[threads] ??= {})[k] = [...(stages[threads]?.[k] ?? []), ms];
           }
         }
@@ -117,16 +133,21 @@ async function main() {
   const chromium = spawnSync(process.env.CHROMIUM || '/usr/bin/chromium', ['--version'], { encoding: 'utf8' }).stdout.trim();
   const load = os.loadavg()[0].toFixed(1);
   const lines = [
-    `$ node benchmarks/browser_latency.mjs ${process.argv.slice(2).join(' ')}`.trim(), '',
+    '```', `$ node benchmarks/browser_latency.mjs ${process.argv.slice(2).join(' ')}`.trim(), '```', '',
     `${chromium} headless, onnxruntime-web ${JSON.parse(fs.readFileSync(path.join(WEB, 'node_modules/onnxruntime-web/package.json'))).version} ` +
       `(WebAssembly SIMD${THREADS.some((t) => t > 1) ? ', threads in a cross-origin isolated page' : ''}); ${os.cpus().length} CPUs, ` +
       `load average ${load} at the end. Model-only: median (best) of ${REPEATS} runs at 1x3x256x256 after 5 warm-up runs; ` +
-      `photo to outline: median (best) of ${PHOTOS} for a 4000 x 3000 JPEG.`, '',
-    '| threads | export | browser model ms | Python ORT model ms | browser photo-to-outline ms | Python ORT photo-to-outline ms |',
-    '| ---: | --- | ---: | ---: | ---: | ---: |',
+      'CPU ms: CPU time per run of the renderer processes (browser) or the Python process, all threads together ' +
+      '(on a shared machine, closer to what a run costs on an idle core than the wall clock). ' +
+      `Photo to outline: median (best) of ${PHOTOS} for a 4000 x 3000 JPEG, from the file to the outline drawn ` +
+      '(Python: read_image, predict_probabilities, threshold, draw_overlay); the page then computes the ' +
+      'mask at the photo\'s own size (area, download): photo to full-size mask.', '',
+    '| threads | export | browser model ms | browser model CPU ms | Python ORT model ms | Python ORT model CPU ms | browser photo-to-outline ms | browser photo-to-full-size-mask ms | Python ORT photo-to-outline ms |',
+    '| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |',
     ...rows.map((r) => `| ${r.threads} | ${r.variant} | ${fmt(median(r.browserModel))} (${fmt(Math.min(...r.browserModel))}) | ` +
-      `${fmt(median(r.pythonModel))} (${fmt(Math.min(...r.pythonModel))}) | ` +
+      `${fmt(r.browserCpu)} | ${fmt(median(r.pythonModel))} (${fmt(Math.min(...r.pythonModel))}) | ${fmt(r.pythonCpu)} | ` +
       `${r.browserPhoto ? `${fmt(median(r.browserPhoto))} (${fmt(Math.min(...r.browserPhoto))})` : '–'} | ` +
+      `${r.browserFigures ? `${fmt(median(r.browserFigures))} (${fmt(Math.min(...r.browserFigures))})` : '–'} | ` +
       `${fmt(median(r.pythonPhoto))} (${fmt(Math.min(...r.pythonPhoto))}) |`),
     '', 'Browser photo-to-outline by stage (median ms):', '',
     `| threads | ${Object.keys(stages[THREADS[0]] ?? {}).join(' | ')} |`,

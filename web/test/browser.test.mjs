@@ -7,7 +7,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { ROOT, WEB, downloadedMask, openPage, start, upload, waitState } from './harness.mjs';
-import { readPNGChannel0 } from './pngread.mjs';
+import { readPNGChannel0, readPNGSize } from './pngread.mjs';
 
 const arg = (name, fallback) => { const i = process.argv.indexOf(name); return i > 0 ? process.argv[i + 1] : fallback; };
 const SHOTS = path.resolve(arg('--screenshots', path.join(ROOT, 'docs/web')));
@@ -84,12 +84,23 @@ async function main() {
 
     for (const file of SAMPLES) await segmentAndCompare(page, file, reference, 'online');
 
-    await page.screenshot({ path: path.join(SHOTS, 'desktop.png') });
+    await upload(page, SAMPLES[1]);  // a clear case for the picture
+    await page.screenshot({ path: path.join(SHOTS, 'desktop.png'), fullPage: true });
 
     const big = await segmentAndCompare(page, inputs.big, reference, '12 MP JPEG');
     if (big) {
       const size = await page.$eval('#size', (e) => e.textContent);
       check('12 MP JPEG outlined at its own size', /4000 × 3000/.test(size), `${size}, ${big.ms.toFixed(0)} ms photo to outline`);
+      // The outlined photo's download, at the photo's own size.
+      const downloads = path.join(WORK, 'downloads');
+      const cdp = await h.browser.target().createCDPSession();
+      await cdp.send('Browser.setDownloadBehavior', { behavior: 'allow', downloadPath: downloads, browserContextId: h.context.id });
+      await page.click('#download-overlay');
+      const file = path.join(downloads, 'large_12mp_overlay.png');
+      for (let i = 0; i < 240 && !fs.existsSync(file); i++) await new Promise((r) => setTimeout(r, 250));
+      const overlay = fs.existsSync(file) ? readPNGSize(fs.readFileSync(file)) : null;
+      check('the outlined photo downloads as a PNG at the photo\'s size', overlay?.width === 4000 && overlay?.height === 3000,
+        overlay ? `${overlay.width}x${overlay.height}` : 'no file');
     }
 
     check('a text file gets its message', (await upload(page, inputs.text)) === 'error' &&

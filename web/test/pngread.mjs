@@ -39,3 +39,8 @@ export function readPNGChannel0(buf) {
   }
   return { width, height, data: out };
 }
+
+export function readPNGSize(buf) {
+  if (buf.readUInt32BE(0) !== 0x89504e47 || buf.toString('latin1', 12, 16) !== 'IHDR') throw new Error('not a PNG');
+  return { width: buf.readUInt32BE(16), height: buf.readUInt32BE(20) };
+}
