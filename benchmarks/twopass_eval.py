@@ -178,8 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", type=Path, default=Path("data/isic2017"), help="prepared dataset (data/isic2017)")
     p.add_argument("--split", default="val", choices=["train", "val", "test"], help="split (val)")
     p.add_argument("--out", type=Path, required=True, help="Markdown file; .json beside it")
-    p.add_argument("--shifts", default=None, help=f"comma-separated shift names (every shift named *{ZOOM_OUT}*, and none)")
-    p.add_argument("--context", type=float, default=CONTEXT, help=f"crop side / lesion side ({CONTEXT})")
+    p.add_argument("--shifts", default=None, help=f"comma-separated shift names (none, small_lesions, zoom_in and every *{ZOOM_OUT}*)")
+    p.add_argument("--context", type=lambda v: [float(c) for c in v.split(",")], default=list(CONTEXT),
+                   help=f"crop side / lesion side, comma-separated, tightest first ({','.join(map(str, CONTEXT))})")
     p.add_argument("--max-crop-share", type=float, default=MAX_CROP_SHARE, help=f"({MAX_CROP_SHARE})")
     p.add_argument("--outside", default=OUTSIDE, choices=["zero", "pass1"], help=f"({OUTSIDE})")
     p.add_argument("--large", type=int, default=0, help="number of large photos to build and score (0)")
@@ -208,7 +209,7 @@ def _run(args, argv) -> int:
         if args.shifts:
             shifts = get_shifts(args.shifts.split(","))
         else:
-            shifts = [s for s in get_shifts(None) if s.name == "none" or ZOOM_OUT in s.name]
+            shifts = [s for s in get_shifts(None) if s.name in ("none", "small_lesions", "zoom_in") or ZOOM_OUT in s.name]
     except KeyError as err:
         raise ScsonetError(f"--shifts: {err.args[0]}") from None
     arrays = PreparedData(args.data).load(args.split)

@@ -3,7 +3,10 @@
 
 A block ``<!-- BEGIN GENERATED: scsonet ARGS -->`` ... ``<!-- END GENERATED -->`` holds the output of
 ``scsonet ARGS``; ``<!-- BEGIN FILE: PATH -->`` ... ``<!-- END FILE -->`` holds a saved benchmark
-output (timings vary from run to run, so they are re-measured by hand and saved, never typed).
+output (timings vary from run to run, so they are re-measured by hand and saved, never typed);
+``<!-- BEGIN STUDY: SPEC -->`` ... ``<!-- END STUDY -->`` holds a study's summary rebuilt from its
+committed run records (what ``scsonet benchmark --study SPEC --no-train`` writes to ``summary.md``,
+with links relative to the README).
 ``--check`` exits 1 when README.md differs from what the commands print now.
 """
 from __future__ import annotations
@@ -11,13 +14,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import os
 import re
 import shlex
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-BLOCK = re.compile(r"(<!-- BEGIN (GENERATED|FILE): (.+?) -->\n)(.*?)(<!-- END \2 -->)", re.S)
+BLOCK = re.compile(r"(<!-- BEGIN (GENERATED|FILE|STUDY): (.+?) -->\n)(.*?)(<!-- END \2 -->)", re.S)
 
 
 def _scsonet_output(command: str) -> str:
@@ -34,9 +38,24 @@ def _scsonet_output(command: str) -> str:
     return out.getvalue().strip()
 
 
+def _study_summary(spec: str) -> str:
+    """The study's summary from its records alone (no training, nothing written), linked from the root."""
+    from scsonet.study import load_study, rebuild
+
+    cwd = os.getcwd()
+    os.chdir(ROOT)  # a spec's paths are relative to the repository root
+    try:
+        study = load_study(spec)
+        return rebuild(study, link_prefix=f"{study.out.as_posix()}/")["summary.md"].strip()
+    finally:
+        os.chdir(cwd)
+
+
 def render(text: str) -> str:
     def fill(match: re.Match) -> str:
         begin, kind, arg, _, end = match.groups()
+        if kind == "STUDY":
+            return f"{begin}{_study_summary(arg)}\n{end}"
         body = _scsonet_output(arg) if kind == "GENERATED" else (ROOT / arg).read_text().strip()
         if kind == "GENERATED" and not body.startswith("|"):
             body = f"```text\n{body}\n```"

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from scsonet.inference import predict_probabilities
+from scsonet.postprocess import erode
 from scsonet.twopass import crop_window, label_components, largest_component, two_pass_batch, two_pass_probabilities
 
 
@@ -20,6 +21,15 @@ class DarkSegmenter:
         assert images.dtype == np.uint8 and images.shape[1:] == (*self.input_size, 3)
         self.batches.append(len(images))
         return (images.mean(axis=-1) < 128).astype(np.float32)
+
+
+class BlobbySegmenter(DarkSegmenter):
+    """Outlines the dark area grown by 3 px at the model's size: a whole frame seen at 64 x 64
+    gets a much too large outline, a close crop a nearly right one."""
+
+    def predict_probs(self, images: np.ndarray) -> np.ndarray:
+        dark = super().predict_probs(images) > 0.5
+        return np.stack([~erode(~m, 3) for m in dark]).astype(np.float32)
 
 
 def photo(height: int, width: int, disks=()) -> tuple[np.ndarray, np.ndarray]:
@@ -38,17 +48,29 @@ def dice(a, b):
 
 def test_small_lesion_in_big_frame_is_found_and_refined():
     rgb, truth = photo(900, 1200, [(300, 850, 45)])
-    seg = DarkSegmenter()
+    seg = BlobbySegmenter()
     probs, info = two_pass_probabilities(rgb, seg)
     assert probs.shape == truth.shape and probs.dtype == np.float32
-    assert info.second_pass and info.reason == "ran" and seg.batches == [1, 1]
+    # the tight crop (context 1.5) shrinks pass 1's outline and lies inside the crop: kept
+    assert info.second_pass and info.reason == "ran" and info.context == 1.5 and seg.batches == [1, 1]
     x0, y0, x1, y1 = info.crop
     assert x0 <= 850 - 45 and x1 >= 850 + 45 and y0 <= 300 - 45 and y1 >= 300 + 45  # crop holds the lesion
     assert info.crop_share < 0.1
     one_pass = predict_probabilities([rgb], seg)[0] >= 0.5
-    # at 64 x 64 the whole-frame pass sees the disk as ~7 px across; the crop sees it as ~30
-    assert dice(probs >= 0.5, truth) > 0.97 > dice(one_pass, truth) + 0.05
-    assert 0.0 <= info.agreement <= 1.0 and info.pass2_border == 0.0
+    assert dice(probs >= 0.5, truth) > 0.6 and dice(probs >= 0.5, truth) > dice(one_pass, truth) + 0.2
+    assert 0.0 <= info.agreement < 0.8 and info.pass2_border == 0.0
+
+
+def test_tight_crop_rejected_falls_back_to_the_wider_context():
+    rgb, truth = photo(900, 1200, [(300, 850, 45)])
+    seg = DarkSegmenter()  # the same outline at every scale: the tight crop does not shrink it
+    probs, info = two_pass_probabilities(rgb, seg)
+    assert info.second_pass and info.context == 3.0 and seg.batches == [1, 1, 1]
+    one_pass = predict_probabilities([rgb], seg)[0] >= 0.5
+    # at 64 x 64 the whole-frame pass sees the disk as ~7 px across; the 3x crop sees it as ~20
+    assert dice(probs >= 0.5, truth) > 0.95 > dice(one_pass, truth) + 0.03
+    single, info = two_pass_probabilities(rgb, DarkSegmenter(), context=2.0)
+    assert info.context == 2.0 and 170 <= info.crop[2] - info.crop[0] <= 200  # twice the ~90 px lesion box
 
 
 def test_frame_filling_lesion_is_untouched():
@@ -82,7 +104,7 @@ def test_batch_runs_each_pass_once():
     images = [photo(600, 600, [(100, 100, 30)])[0], photo(100, 120, [(50, 60, 45)])[0], photo(50, 50)[0]]
     seg = DarkSegmenter()
     results = two_pass_batch(images, seg)
-    assert seg.batches == [3, 1]  # only the first image needs pass 2
+    assert seg.batches == [3, 1, 1]  # only the first image needs pass 2 (tight crop, then the wider one)
     assert [info.reason for _, info in results] == ["ran", "fills frame", "no lesion"]
     assert [p.shape for p, _ in results] == [(600, 600), (100, 120), (50, 50)]
 

@@ -350,20 +350,24 @@ def plot_dsc_vs_macs(rows: Sequence[TableRow], path: str | Path, title: str = ""
     ax = fig.add_subplot()
     largest = max(row.params for row in rows)
     colors = {name: f"C{i % 10}" for i, name in enumerate(dict.fromkeys(row.model for row in rows))}
-    handles = []
+    handles, named = [], set()
     for row in rows:
         x, y, color = row.macs, row.mean("DSC (%)"), colors[row.model]
         area = 40 + 1400 * row.params / largest
+        if row.model not in named:  # one legend entry per model, whether ours or only the paper's
+            named.add(row.model)
+            handles.append(Line2D([], [], marker="o", linestyle="", color=color, markersize=8,
+                                  label=f"{row.model}: {row.params / 1e6:.3f} M params, {row.macs / 1e6:,.1f} M MACs"))
         if row.published:
             ax.scatter([x], [y], s=area, facecolors="none", edgecolors=color, linewidths=1.5, linestyle="--")
             continue
         ax.scatter([x], [y], s=area, color=color, alpha=0.6, edgecolors="black", linewidths=0.5)
         if (std := row.std("DSC (%)")) is not None:
             ax.errorbar([x], [y], yerr=[std], color="black", capsize=3, linewidth=0.8)
-        handles.append(Line2D([], [], marker="o", linestyle="", color=color, markersize=8,
-                              label=f"{row.model}: {row.params / 1e6:.3f} M params, {row.macs / 1e6:,.1f} M MACs"))
-    handles.append(Line2D([], [], marker="o", linestyle="", color="grey", alpha=0.6, markersize=8,
-                          label=f"ours, mean ± std over {len(rows[0].seeds)} seed(s)"))
+    if counts := sorted({len(row.seeds) for row in rows if not row.published}):
+        seeds = str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+        handles.append(Line2D([], [], marker="o", linestyle="", color="grey", alpha=0.6, markersize=8,
+                              label=f"ours, mean ± std over {seeds} seed(s)"))
     if published := next((row.source for row in rows if row.published), None):
         handles.append(Line2D([], [], marker="o", linestyle="", markerfacecolor="none", markeredgecolor="grey",
                               markersize=8, label=f"{published}, as printed in the paper"))
@@ -373,8 +377,8 @@ def plot_dsc_vs_macs(rows: Sequence[TableRow], path: str | Path, title: str = ""
     ax.set_ylim(max(bottom, 0.0), min(top, 100.0))
     ax.set_xlabel("multiply-accumulates per image (exact count, log scale)")
     ax.set_ylabel("DSC (%), pooled over test pixels")
-    ax.set_title(f"DSC against MACs ({title}); bubble area = parameters" if title else
-                 "DSC against MACs; bubble area = parameters", fontsize=10)
+    ax.set_title(f"DSC against MACs ({title});\nbubble area = parameters" if title else
+                 "DSC against MACs; bubble area = parameters", fontsize=9)
     ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()

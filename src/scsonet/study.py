@@ -604,10 +604,11 @@ def build_outputs(study: Study, records: dict[tuple[str, int], Record], latency:
                                   if machine else "") + ".", "",
         *sections, *cost,
         f"![DSC against MACs]({link_prefix}dsc_vs_macs.png)", "",
-        f"Qualitative results (`{link_prefix}qualitative.png`, made when the checkpoints are present): "
-        f"test images where {study.reference} does well, typically and badly, each model's outline beside "
-        f"the ground truth.", "",
     ]
+    if (study.out / "qualitative.png").is_file():  # drawn only where checkpoints and data were present
+        summary += [f"Test images where {study.reference} (seed-averaged Dice) does best, typically and worst; "
+                    f"each model's outline (red) beside the ground truth (green):", "",
+                    f"![Qualitative results]({link_prefix}qualitative.png)", ""]
     outputs["summary.md"] = "\n".join(summary)
     return outputs
 
@@ -828,6 +829,11 @@ def run_study(study: Study, *, train: bool = True, only: Sequence[str] = (), max
                           measure_latency(study.models(), int(s["size"]), int(s["batch"]), int(s["threads"]),
                                           int(s["warmup"]), int(s["repeats"])))
     written = {}
+    if qualitative if qualitative is not None else train:  # first: the summary links it when present
+        if (path := plot_qualitative(study, records, study.out / "qualitative.png")) is not None:
+            written["qualitative.png"] = path
+        else:
+            log("qualitative.png left as it is: needs the data and the Table 1 checkpoints")
     for name, text in rebuild(study, records).items():
         write_text_atomic(study.out / name, text)
         written[name] = study.out / name
@@ -836,10 +842,5 @@ def run_study(study: Study, *, train: bool = True, only: Sequence[str] = (), max
         written["dsc_vs_macs.png"] = plot_dsc_vs_macs(
             fig_rows, study.out / "dsc_vs_macs.png",
             title=f"{study.name}, {study.protocol} protocol, {study.schedule}")
-    if qualitative if qualitative is not None else train:
-        if (path := plot_qualitative(study, records, study.out / "qualitative.png")) is not None:
-            written["qualitative.png"] = path
-        else:
-            log("qualitative.png left as it is: needs the data and the Table 1 checkpoints")
     log(f"wrote {', '.join(str(p) for p in written.values())}")
     return StudyResult(written, trained, records)

@@ -7,7 +7,9 @@ On a large photo of a small lesion, one pass sees the lesion as a few dozen pixe
 1. pass 1 runs on the whole frame resized to the model's size and finds the lesion (the largest
    connected component of the thresholded map);
 2. a square window around that component, ``context`` times its longer side (so that the lesion
-   spans about 1 / ``context`` of the crop, as in training), is cut from the FULL-resolution photo;
+   spans about 1 / ``context`` of the crop; training's median is 1/2), is cut from the
+   FULL-resolution photo; a tight context (1.5) is kept only where its pass 2 lies inside the
+   crop and shrinks pass 1's outline, else a wider one (3.0) is used (``_accepts``);
 3. pass 2 runs on that crop resized to the model's size, and its probabilities are pasted back
    into a map at the photo's own size (outside the window: zero, see ``OUTSIDE``).
 
@@ -32,8 +34,12 @@ if TYPE_CHECKING:
 __all__ = ["CONTEXT", "MAX_CROP_SHARE", "TwoPassInfo", "crop_window", "dice", "label_components",
            "largest_component", "two_pass_batch", "two_pass_probabilities"]
 
-CONTEXT = 2.0  # crop side / lesion box's longer side (chosen on val zoom-out shifts: docs/robustness/twopass_v1.md)
-MAX_CROP_SHARE = 0.5  # run pass 2 only if the crop covers at most this share of the frame
+# Crop side / pass-1 lesion box's longer side, tightest first (chosen on val: docs/robustness/twopass_v1.md).
+# 1.5 zooms a lesion pasted small on a canvas back to training scale; 3.0 is the safe fallback.
+CONTEXT = (1.5, 3.0)
+GATE_BORDER = 0.02  # a tight crop's pass 2 may touch at most this share of the crop's border ...
+GATE_SHRINK = 0.8  # ... and outline at most this share of pass 1's lesion area
+MAX_CROP_SHARE = 0.7  # run pass 2 only if the crop covers at most this share of the frame
 MIN_CROP_FRACTION = 0.125  # smallest crop side, as a share of the frame's shorter side
 MIN_COMPONENT_PX = 4  # a pass-1 component smaller than this (at the model's size) is noise, not a lesion
 OUTSIDE = "zero"  # outside the crop: "zero" (drops pass 1's stray blobs) or "pass1"
@@ -54,6 +60,7 @@ class TwoPassInfo:
     crop: Optional[list[int]] = None
     crop_share: Optional[float] = None
     agreement: Optional[float] = None
+    context: Optional[float] = None  # the context whose pass 2 was kept
     pass2_border: Optional[float] = None
     pass1_small: Optional[np.ndarray] = field(default=None, repr=False)  # pass-1 probabilities at the model's size
 
@@ -127,7 +134,7 @@ def _bbox(mask: np.ndarray) -> tuple[int, int, int, int]:
     return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
 
 
-def crop_window(box: Sequence[float], image_size: tuple[int, int], context: float = CONTEXT,
+def crop_window(box: Sequence[float], image_size: tuple[int, int], context: float = 2.0,
                 min_fraction: float = MIN_CROP_FRACTION) -> list[int]:
     """Square window [x0, y0, x1, y1] centred on ``box`` (same form, image pixels), side ``context``
     times the box's longer side (at least ``min_fraction`` of the frame's shorter side), shifted
@@ -149,23 +156,34 @@ def _border_share(mask: np.ndarray) -> float:
     return float(border.mean()) if border.size else 0.0
 
 
-def two_pass_batch(images: Sequence[np.ndarray], segmenter: Segmenter, *, threshold: float = 0.5,
-                   context: float = CONTEXT, max_crop_share: float = MAX_CROP_SHARE,
-                   outside: str = OUTSIDE, first: Optional[np.ndarray] = None) -> list[tuple[np.ndarray, TwoPassInfo]]:
-    """Two-pass probabilities of RGB uint8 images of any sizes, pass 1 and pass 2 each in one batch.
+def _accepts(p2_mask: np.ndarray, pass1_area: int) -> bool:
+    """A tight crop's pass 2 is kept only if its lesion lies inside the crop and is smaller than
+    pass 1's: zooming in found the lesion within what pass 1 outlined (a photo pasted on a
+    canvas, a patch of skin). Otherwise the tight crop cut the lesion or pass 2 outlined the
+    whole crop, and the next, wider context is tried."""
+    return _border_share(p2_mask) <= GATE_BORDER and int(p2_mask.sum()) <= GATE_SHRINK * pass1_area
 
-    ``first``: pass-1 probabilities (B, h, w) at the model's size if already computed (None: run
-    pass 1 here). Returns, per image, float32 probabilities at the image's size and its ``TwoPassInfo``.
+
+def two_pass_batch(images: Sequence[np.ndarray], segmenter: Segmenter, *, threshold: float = 0.5,
+                   context: float | Sequence[float] = CONTEXT, max_crop_share: float = MAX_CROP_SHARE,
+                   outside: str = OUTSIDE, first: Optional[np.ndarray] = None) -> list[tuple[np.ndarray, TwoPassInfo]]:
+    """Two-pass probabilities of RGB uint8 images of any sizes; each pass runs as one batch.
+
+    ``context``: crop side / lesion box side; a sequence tries each in turn (tightest first), an
+    earlier one kept only where ``_accepts`` its pass 2, the last one always. ``first``: pass-1
+    probabilities (B, h, w) at the model's size if already computed (None: run pass 1 here).
+    Returns, per image, float32 probabilities at the image's size and its ``TwoPassInfo``.
     """
     if outside not in ("zero", "pass1"):
         raise ValueError(f"outside must be 'zero' or 'pass1', got {outside!r}")
+    contexts = [float(context)] if np.isscalar(context) else [float(c) for c in context]
     size = tuple(segmenter.input_size)
     if first is None:
         first = segmenter.predict_probs(np.stack([resize_image(rgb, size) for rgb in images]))
     elif len(first) != len(images) or tuple(first.shape[1:]) != size:
         raise ValueError(f"first: expected ({len(images)}, {size[0]}, {size[1]}) probabilities, got {first.shape}")
     results: list[tuple[np.ndarray, TwoPassInfo]] = []
-    crops: list[tuple[int, list[int]]] = []
+    boxes: dict[int, tuple[float, float, float, float]] = {}  # pass-1 lesion box in image pixels
     for k, (rgb, p1) in enumerate(zip(images, first)):
         p1 = np.asarray(p1, dtype=np.float32)
         full = resize_probabilities(p1, rgb.shape[:2])
@@ -175,25 +193,38 @@ def two_pass_batch(images: Sequence[np.ndarray], segmenter: Segmenter, *, thresh
             continue
         sy, sx = rgb.shape[0] / size[0], rgb.shape[1] / size[1]
         bx0, by0, bx1, by1 = _bbox(lesion)
-        window = crop_window((bx0 * sx, by0 * sy, bx1 * sx, by1 * sy), rgb.shape[:2], context)
-        share = (window[2] - window[0]) * (window[3] - window[1]) / (rgb.shape[0] * rgb.shape[1])
-        info = TwoPassInfo(False, "fills frame", window, round(share, 6), pass1_small=p1)
-        results.append((full, info))
-        if share <= max_crop_share:
-            crops.append((k, window))
-    if not crops:
-        return results
-    batch = np.stack([resize_image(np.ascontiguousarray(images[k][y0:y1, x0:x1]), size)
-                      for k, (x0, y0, x1, y1) in crops])
-    for (k, (x0, y0, x1, y1)), p2 in zip(crops, segmenter.predict_probs(batch)):
-        full, info = results[k]
-        p2 = resize_probabilities(p2, (y1 - y0, x1 - x0))
-        probs = full.copy() if outside == "pass1" else np.zeros_like(full)
-        probs[y0:y1, x0:x1] = p2
-        info.second_pass, info.reason = True, "ran"
-        info.agreement = round(dice(full[y0:y1, x0:x1] >= threshold, p2 >= threshold), 6)
-        info.pass2_border = round(_border_share(p2 >= threshold), 6)
-        results[k] = (probs, info)
+        boxes[k] = (bx0 * sx, by0 * sy, bx1 * sx, by1 * sy)
+        results.append((full, TwoPassInfo(False, "fills frame", pass1_small=p1)))
+    pending = list(boxes)
+    for step, ctx in enumerate(contexts):
+        last = step == len(contexts) - 1
+        crops = []
+        for k in pending:
+            shape = images[k].shape[:2]
+            window = crop_window(boxes[k], shape, ctx)
+            share = (window[2] - window[0]) * (window[3] - window[1]) / (shape[0] * shape[1])
+            info = results[k][1]
+            info.crop, info.crop_share = window, round(share, 6)
+            if share <= max_crop_share:  # else wider contexts would not fit either: pass 1 stays
+                crops.append((k, window))
+        if not crops:
+            break
+        batch = np.stack([resize_image(np.ascontiguousarray(images[k][y0:y1, x0:x1]), size)
+                          for k, (x0, y0, x1, y1) in crops])
+        pending = []
+        for (k, (x0, y0, x1, y1)), p2 in zip(crops, segmenter.predict_probs(batch)):
+            full, info = results[k]
+            p2 = resize_probabilities(p2, (y1 - y0, x1 - x0))
+            p2_mask = p2 >= threshold
+            if not last and not _accepts(p2_mask, int((full >= threshold).sum())):
+                pending.append(k)
+                continue
+            probs = full.copy() if outside == "pass1" else np.zeros_like(full)
+            probs[y0:y1, x0:x1] = p2
+            info.second_pass, info.reason, info.context = True, "ran", ctx
+            info.agreement = round(dice(full[y0:y1, x0:x1] >= threshold, p2_mask), 6)
+            info.pass2_border = round(_border_share(p2_mask), 6)
+            results[k] = (probs, info)
     return results
 
 
