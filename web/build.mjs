@@ -6,6 +6,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import zlib from 'node:zlib';
+import { crc32 } from './src/png.js';
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 const root = path.resolve(here, '..');
@@ -45,7 +46,7 @@ function icon(size) {
     out.writeUInt32BE(data.length, 0);
     out.write(type, 4, 'latin1');
     data.copy(out, 8);
-    out.writeUInt32BE(zlib.crc32(out.subarray(4, 8 + data.length)), 8 + data.length);
+    out.writeUInt32BE((crc32(out.subarray(4, 8 + data.length)) ^ 0xffffffff) >>> 0, 8 + data.length);
     return out;
   };
   const header = Buffer.alloc(13);

@@ -7,7 +7,7 @@ const CRC_TABLE = new Uint32Array(256).map((_, n) => {
   return c;
 });
 
-function crc32(bytes, crc = 0xffffffff) {
+export function crc32(bytes, crc = 0xffffffff) {
   for (let i = 0; i < bytes.length; i++) crc = CRC_TABLE[(crc ^ bytes[i]) & 0xff] ^ (crc >>> 8);
   return crc;
 }
