@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import importlib.util
 import json
 
 import numpy as np
@@ -143,6 +144,9 @@ def test_tables_from_records(toy):
     assert float(rows["scsonet"]["failure_rate_mean"]) == pytest.approx(np.mean(fails), abs=1e-4)
     assert rows["scsonet"]["seeds_done"] == "1 2" and rows["malunet"]["seeds_done"] == "1"
     assert rows["scsonet"]["paper_dsc"] == "88.97" and int(rows["unet"]["macs"]) > 10**8  # at the spec's 64x64
+    assert rows["scsonet"]["paper_dsc"] == "88.97" and rows["unet"]["paper_miou"] == "76.98"
+    if importlib.util.find_spec("thop"):  # the paper's convention: thop's counts / 1024^2
+        assert float(rows["egeunet"]["paper_params_m"]) < int(rows["egeunet"]["params"]) / 1024**2
     md = out["table1.md"]
     # missing seeds are said, never silently averaged over
     assert "| 1/2 (1); s2 not run |" in md

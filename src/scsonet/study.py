@@ -399,6 +399,8 @@ def _seeds_cell(table: StudyTable, records: dict, model: str, gpu_only: bool) ->
 class _Counts:
     params: int
     macs: int
+    paper_params_m: float | None  # thop's counts / 1024^2 and / 1024^3, as the paper printed them
+    paper_gflops: float | None
 
 
 def _complexity(models: Sequence[str], size: int) -> dict[str, _Counts]:
@@ -410,16 +412,19 @@ def _complexity(models: Sequence[str], size: int) -> dict[str, _Counts]:
 def _counts(name: str, size: int) -> _Counts:
     import torch
 
-    from .complexity import count_macs, count_params
+    from .complexity import count_macs, count_params, thop_counts
     from .models import create_model
 
-    # On the meta device: the same counts (shapes only), without computing UNet's 12 G MACs.
+    # Exact counts on the meta device: the same numbers (shapes only), without computing UNet's 12 G MACs.
     with torch.device("meta"):
         model = create_model(name)
-        return _Counts(count_params(model), count_macs(model, (size, size)))
+        params, macs = count_params(model), count_macs(model, (size, size))
+    thop_macs, thop_params = thop_counts(create_model(name), (size, size))  # thop reads values: a real pass
+    return _Counts(params, macs, None if thop_params is None else thop_params / 1024**2,
+                   None if thop_macs is None else thop_macs / 1024**3)
 
 
-TABLE_COLUMNS = ("Model", "Params", "MACs (M)", "Params (M, ÷1024²)", "GMACs (÷1024³)", "CPU ms (b1)",
+TABLE_COLUMNS = ("Model", "Params", "MACs (M)", "Params (M, paper)", "GFLOPs (paper)", "CPU ms (b1)",
                  "mIoU (%)", "DSC (%)", "Dice per image (%)", "Failures (%)", "Paper mIoU", "Paper DSC",
                  "Protocol", "Schedule", "Seeds")
 
@@ -431,8 +436,9 @@ def _table_cells(study: Study, table: StudyTable, row: StudyRow, records: dict, 
     paper = PUBLISHED[table.published][row.published] if table.published and row.published else None
     ms = latency.get(row.model)
     label = row.label + (" (published figures only: GPU only, not trained)" if row.gpu_only and not done else "")
-    cells = [label, f"{counts.params:,}", f"{counts.macs / 1e6:,.1f}", f"{counts.params / 1024**2:.3f}",
-             f"{counts.macs / 1024**3:.3f}", "—" if ms is None else f"{ms:.1f}",
+    paper_counts = ["—" if v is None else f"{v:.3f}" for v in (counts.paper_params_m, counts.paper_gflops)]
+    cells = [label, f"{counts.params:,}", f"{counts.macs / 1e6:,.1f}", *paper_counts,
+             "—" if ms is None else f"{ms:.1f}",
              *(_mean_std(values[k]) for k in METRIC_KEYS),
              "—" if paper is None else f"{paper[2]:.2f}", "—" if paper is None else f"{paper[3]:.2f}",
              study.protocol, study.schedule, _seeds_cell(table, records, row.model, row.gpu_only)]
@@ -491,9 +497,10 @@ def _common_header(study: Study) -> list[str]:
         "Metrics: mean ± sample std over the finished seeds (the Seeds column says how many of the table's). "
         "mIoU and DSC: one confusion matrix pooled over all test pixels (the paper's); Dice per image: the mean "
         f"over test images; Failures: images with Dice < {study.failure_dice:g}.",
-        "Params and MACs: exact counts at 256x256 (PyTorch's FLOP counter); the ÷1024 columns are the same counts "
-        "in the paper's units (the paper used thop, which counts differently: see `scsonet complexity`). "
-        "CPU ms: median batch-1 latency at 256x256 from `latency.json`.",
+        f"Params and MACs: exact counts at {study.latency['size']}x{study.latency['size']} (PyTorch's FLOP "
+        "counter); paper: the paper's convention, thop's module-hook counts divided by 1024² and 1024³ "
+        "(it misses functional operators; `scsonet complexity`). CPU ms: median batch-1 latency from "
+        "`latency.json`.",
         f"Δ: per-image Dice of the model minus {study.reference}'s, each averaged over the seeds both have, "
         f"mean over the test images; CI: percentile bootstrap over images ({b['resamples']:,} resamples, "
         f"seed {b['seed']}). Verdict: better / worse when the CI excludes 0, else no detectable difference.",
@@ -561,10 +568,11 @@ def build_outputs(study: Study, records: dict[tuple[str, int], Record], latency:
         for row in table.rows:
             line, values = _table_cells(study, table, row, records, counts[row.model], ms)
             cells.append(line)
-            csv_rows.append([row.model, row.label, counts[row.model].params, counts[row.model].macs,
-                             "" if ms.get(row.model) is None else f"{ms[row.model]:.3f}"]
+            c = counts[row.model]
+            csv_rows.append([row.model, row.label, c.params, c.macs, _number(c.paper_params_m, 4),
+                             _number(c.paper_gflops, 4), "" if ms.get(row.model) is None else f"{ms[row.model]:.3f}"]
                             + [cell for k in METRIC_KEYS for cell in _csv_stats(values[k])]
-                            + [line[10], line[11], study.protocol, study.schedule,
+                            + ["" if cell == "—" else cell for cell in line[10:12]] + [study.protocol, study.schedule,
                                " ".join(str(s) for s in table.seeds if records[row.model, s].done),
                                len(table.seeds)])
         paired = _paired(study, table, records)
@@ -582,7 +590,7 @@ def build_outputs(study: Study, records: dict[tuple[str, int], Record], latency:
         outputs[f"{table.key}.md"] = f"# {study.name}: {table.title}\n\n" + "\n".join(_common_header(study)) + \
             "\n\n" + section
         outputs[f"{table.key}.csv"] = _csv_text(
-            ("model", "label", "params", "macs", "cpu_ms_b1",
+            ("model", "label", "params", "macs", "paper_params_m", "paper_gflops", "cpu_ms_b1",
              *(f"{k}_{s}" for k in ("miou", "dsc", "dice_per_image", "failure_rate") for s in ("mean", "std", "n")),
              "paper_miou", "paper_dsc", "protocol", "schedule", "seeds_done", "seeds_planned"), csv_rows)
     outputs["paired.csv"] = _csv_text(
@@ -611,6 +619,10 @@ def build_outputs(study: Study, records: dict[tuple[str, int], Record], latency:
                     f"![Qualitative results]({link_prefix}qualitative.png)", ""]
     outputs["summary.md"] = "\n".join(summary)
     return outputs
+
+
+def _number(value: float | None, digits: int) -> str:
+    return "" if value is None else f"{value:.{digits}f}"
 
 
 def _csv_stats(values: Sequence[float]) -> list[str]:
@@ -825,9 +837,13 @@ def run_study(study: Study, *, train: bool = True, only: Sequence[str] = (), max
     if latency if latency is not None else train:
         s = study.latency
         log(f"measuring CPU latency of {len(study.models())} models ({s['threads']} threads, batch {s['batch']})")
-        write_json_atomic(study.out / LATENCY_FILE,
-                          measure_latency(study.models(), int(s["size"]), int(s["batch"]), int(s["threads"]),
-                                          int(s["warmup"]), int(s["repeats"])))
+        measured = measure_latency(study.models(), int(s["size"]), int(s["batch"]), int(s["threads"]),
+                                   int(s["warmup"]), int(s["repeats"]))
+        load = (measured.get("machine") or {}).get("loadavg") or [0.0]
+        if load[0] > (os.cpu_count() or 1):
+            log(f"warning: load average {load[0]} on {os.cpu_count()} CPUs: the latency figures are inflated; "
+                f"measure again on a quiet machine (--no-train --latency)")
+        write_json_atomic(study.out / LATENCY_FILE, measured)
     written = {}
     if qualitative if qualitative is not None else train:  # first: the summary links it when present
         if (path := plot_qualitative(study, records, study.out / "qualitative.png")) is not None:
