@@ -27,6 +27,7 @@ import csv
 import importlib
 import importlib.util
 import io
+import json
 import shlex
 import sys
 import time
@@ -174,12 +175,13 @@ def format_markdown(report: dict[str, Any]) -> str:
     band_names = [f"band {name}" for name, *_ in SIZE_BANDS]
     weights = ", ".join(f"{label} = `{spec}`" for label, spec in report["weights"].items())
     seconds = ", ".join(f"{label} {s:.0f} s" for label, s in report["predict_seconds"].items())
+    cpu = f", CPU time {report['cpu_seconds']:.0f} s," if "cpu_seconds" in report else ""  # absent before it was kept
     lines = [
         f"# Robustness on the {report['split']} split ({report['n_images']} images)", "",
         f"Written by `{report['command']}`.", "",
         f"Weights: {weights}. Predictor: {report['predictor']}; threshold {report['threshold']}, "
         f"TTA {'on' if report['tta'] else 'off'}, seed {report['seed']}. Wall time {report['wall_seconds']:.0f} s "
-        f"(predictions: {seconds}), CPU time {report['cpu_seconds']:.0f} s, on {report['machine']}.", "",
+        f"(predictions: {seconds}){cpu} on {report['machine']}.", "",
         "Pooled DSC and mean per-image Dice in %; Dice < 0.5: share of images (count) whose outline fails.", "",
         "## Shifts", "", *table([s["name"] for s in report["shifts"]], shift_titles), "",
         "## Lesion-size bands of the unshifted split (lesion share of the image)", "",
@@ -230,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=32, help="images per prediction call (32)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (torch's default)")
     p.add_argument("--limit", type=int, default=None, help="only the first N images of the split (all)")
+    p.add_argument("--render", action="store_true",
+                   help="only rewrite OUT and its .csv from its saved .json (after a change of format; no predictions)")
     args = p.parse_args(argv)
     try:
         return _run(args, argv)
@@ -244,6 +248,17 @@ def _run(args, argv: list[str] | None) -> int:
         raise ScsonetError(f"--threshold {args.threshold} must lie strictly between 0 and 1")
     if args.out.suffix != ".md":
         raise ScsonetError(f"--out {args.out} must name a .md file")
+    if args.render:
+        try:
+            report = json.loads(args.out.with_suffix(".json").read_text())
+        except (OSError, ValueError) as err:
+            raise ScsonetError(f"--render: cannot read {args.out.with_suffix('.json')} ({err})") from None
+        for entry in report["shifts"]:  # labels and descriptions as the code now words them; figures unchanged
+            shift = get_shifts([entry["name"]])[0]
+            entry.update(label=shift.label, description=shift.description)
+        write_json_atomic(args.out.with_suffix(".json"), report)
+        _write_outputs(args.out, report)
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     weights = _parse_weights(args.weights)
@@ -282,10 +297,14 @@ def _run(args, argv: list[str] | None) -> int:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(args.out.with_suffix(".json"), report)
-    write_text_atomic(args.out.with_suffix(".csv"), format_csv(report))
-    write_text_atomic(args.out, format_markdown(report))
-    print(f"wrote {args.out} (+ .json, .csv) in {report['wall_seconds']:.0f} s")
+    _write_outputs(args.out, report)
     return 0
+
+
+def _write_outputs(out: Path, report: dict[str, Any]) -> None:
+    write_text_atomic(out.with_suffix(".csv"), format_csv(report))
+    write_text_atomic(out, format_markdown(report))
+    print(f"wrote {out} (+ .json, .csv); the run took {report['wall_seconds']:.0f} s")
 
 
 if __name__ == "__main__":

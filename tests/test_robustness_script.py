@@ -79,6 +79,9 @@ def test_benchmark_writes_every_row_through_the_predictor_hook(prepared, tmp_pat
     assert all(s["label"] in md for s in report["shifts"]) and "| >60 % |" in md and report["command"] in md
     with open(out.with_suffix(".csv")) as f:
         assert len(list(csv.DictReader(f))) == 2 * (17 + 4)
+    out.unlink()
+    assert script.main(["--weights", "a=w1", "--out", str(out), "--render"]) == 0  # from the JSON alone
+    assert out.read_text() == md and json.loads(out.with_suffix(".json").read_text()) == report
 
 
 def test_default_predictor_is_the_predict_path_and_bad_options_fail_cleanly(prepared, tmp_path, capsys):

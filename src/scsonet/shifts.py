@@ -13,6 +13,7 @@ lesion-size bands reported on the unshifted split. Torch-free: numpy and Pillow 
 """
 from __future__ import annotations
 
+import inspect
 import io
 import zlib
 from dataclasses import dataclass
@@ -250,10 +251,20 @@ class Shift:
 
     @property
     def description(self) -> str:
-        """The first paragraph of the transform's docstring (empty for an unchanged subset)."""
+        """How the shift is built, in one line: its transform's docstring with its settings, and
+        for a skin shift how the canvas is made (empty for an unchanged subset)."""
         func = getattr(self.transform, "func", self.transform)
-        doc = (func.__doc__ or "") if func is not None else ""
-        return " ".join(doc.strip().split("\n\n")[0].split())
+        if func is None:
+            return ""
+        parts = [func.__doc__ or ""]
+        if self.skin:
+            parts += ["Canvas: " + (skin_canvas.__doc__ or ""), f"Donors (max_lesion={DONOR_MAX_LESION}, max_dark={DONOR_MAX_DARK}): " + (donor_pool.__doc__ or "")]
+        values = {name: p.default for name, p in inspect.signature(func).parameters.items()
+                  if p.default is not inspect.Parameter.empty and name != "canvas"}
+        values.update(getattr(self.transform, "keywords", {}))
+        settings = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
+        text = " ".join(" ".join(part.replace(":func:", "").split()) for part in parts)
+        return f"{text} Settings: {settings}." if settings else text
 
 
 STANDARD_SHIFTS: tuple[Shift, ...] = (
