@@ -174,6 +174,7 @@ def test_cli_folder_matches_cli_prepared_split(tmp_path, checkpoint, capsys):
     (["--images", "x"], "--images and --masks go together"),
     ([], "--data"),
     (["--images", "{tmp}/nope", "--masks", "{tmp}"], "nope: image folder not found"),
+    (["--data", "{tmp}", "--skip-bad"], "--skip-bad goes with --images"),
 ])
 def test_cli_folder_errors_are_one_line(tmp_path, checkpoint, capsys, extra, needle):
     extra = [e.format(tmp=tmp_path) for e in extra]

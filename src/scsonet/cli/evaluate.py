@@ -63,6 +63,8 @@ def run(args) -> int:
         raise ScsonetError("--images and --masks go together, without --data")
     if not folder and args.data is None:
         raise ScsonetError("name a prepared dataset (--data) or a labelled folder (--images with --masks)")
+    if args.skip_bad and not folder:
+        raise ScsonetError("--skip-bad goes with --images and --masks (a prepared dataset has no bad inputs)")
     device = resolve_device(args.device)
     if folder:
         loaded = load_model(args.weights, device)
