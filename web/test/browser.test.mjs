@@ -7,10 +7,12 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { ROOT, WEB, downloadedMask, openPage, start, upload, waitState } from './harness.mjs';
-import { readPNGChannel0, readPNGSize } from './pngread.mjs';
+import { resizeRGBA } from '../src/pipeline.js';
+import { readPNG, readPNGChannel0, readPNGSize } from './pngread.mjs';
 
 const arg = (name, fallback) => { const i = process.argv.indexOf(name); return i > 0 ? process.argv[i + 1] : fallback; };
 const SHOTS = path.resolve(arg('--screenshots', path.join(ROOT, 'docs/web')));
+const KEEP = process.argv.includes('--work');  // a temporary folder is removed after a clean run
 const WORK = path.resolve(arg('--work', fs.mkdtempSync(path.join(os.tmpdir(), 'scsonet-web-'))));
 const PYTHON = path.join(ROOT, '.venv/bin/python');
 const MIN_AGREEMENT = 0.999;
@@ -35,11 +37,17 @@ function makeInputs() {
   const big = path.join(WORK, 'large_12mp.jpg');
   run(PYTHON, ['-c', `from PIL import Image; Image.open(${JSON.stringify(SAMPLES[1])}).convert('RGB')` +
     `.resize((4000, 3000), Image.BICUBIC).save(${JSON.stringify(big)}, quality=90)`]);
+  // Resized both ways exactly as Pillow does (the samples are 256 x 256, the model's own size).
+  const odd = path.join(WORK, 'odd_size.png');
+  run(PYTHON, ['-c', `from PIL import Image; Image.open(${JSON.stringify(SAMPLES[2])}).convert('RGB')` +
+    `.resize((1531, 1017), Image.BICUBIC).save(${JSON.stringify(odd)})`]);
+  run(PYTHON, ['-c', `from PIL import Image; Image.open(${JSON.stringify(odd)}).resize((256, 256), Image.BILINEAR)` +
+    `.save(${JSON.stringify(odd.replace('.png', '_256.png'))})`]);
   const text = path.join(WORK, 'notes.txt');
   fs.writeFileSync(text, 'not a photo\n');
   const broken = path.join(WORK, 'broken.jpg');
   fs.writeFileSync(broken, Buffer.concat([Buffer.from([0xff, 0xd8, 0xff, 0xe0]), Buffer.alloc(2000, 7)]));
-  return { big, text, broken };
+  return { big, odd, text, broken };
 }
 
 function pythonMasks(inputs) {
@@ -70,9 +78,22 @@ async function segmentAndCompare(page, file, reference, label) {
   return { fraction, ms };
 }
 
+// The page's resize (pipeline.js, run here in Node) against Pillow's, byte for byte.
+function checkResize(odd) {
+  const src = readPNG(fs.readFileSync(odd)), want = readPNG(fs.readFileSync(odd.replace('.png', '_256.png')));
+  const rgba = new Uint8Array(src.width * src.height * 4);
+  for (let i = 0; i < src.width * src.height; i++) rgba.set(src.data.subarray(i * 3, i * 3 + 3), i * 4);
+  const got = resizeRGBA(rgba, src.width, src.height, 256, 256);
+  let differ = 0;
+  for (let i = 0; i < got.length; i++) differ += got[i] !== want.data[i];
+  check('resize to 256 x 256 equals Pillow\'s BILINEAR byte for byte', differ === 0 && got.length === want.data.length,
+    `${differ} of ${got.length} bytes differ`);
+}
+
 async function main() {
   const inputs = makeInputs();
-  const reference = pythonMasks([...SAMPLES, inputs.big]);
+  checkResize(inputs.odd);
+  const reference = pythonMasks([...SAMPLES, inputs.odd, inputs.big]);
   const h = await start();
   try {
     const { page, requests, errors } = await openPage(h.context);
@@ -87,6 +108,7 @@ async function main() {
     await upload(page, SAMPLES[1]);  // a clear case for the picture
     await page.screenshot({ path: path.join(SHOTS, 'desktop.png'), fullPage: true });
 
+    await segmentAndCompare(page, inputs.odd, reference, '1531 x 1017 PNG (resized by the page as by Pillow)');
     const big = await segmentAndCompare(page, inputs.big, reference, '12 MP JPEG');
     if (big) {
       const size = await page.$eval('#size', (e) => e.textContent);
@@ -159,7 +181,9 @@ async function main() {
   }
   const failed = results.filter((r) => !r.ok);
   fs.writeFileSync(path.join(WORK, 'report.json'), JSON.stringify(results, null, 2));
-  console.log(`browser tests: ${results.length - failed.length} passed, ${failed.length} failed (details in ${WORK}/report.json)`);
+  if (!failed.length && !KEEP) fs.rmSync(WORK, { recursive: true, force: true });
+  console.log(`browser tests: ${results.length - failed.length} passed, ${failed.length} failed` +
+    (failed.length || KEEP ? ` (details in ${WORK}/report.json)` : ''));
   process.exit(failed.length ? 1 : 0);
 }
 

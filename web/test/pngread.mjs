@@ -2,6 +2,14 @@
 import zlib from 'node:zlib';
 
 export function readPNGChannel0(buf) {
+  const { width, height, channels, data } = readPNG(buf);
+  const out = new Uint8Array(width * height);
+  for (let i = 0; i < out.length; i++) out[i] = data[i * channels];
+  return { width, height, data: out };
+}
+
+// -> { width, height, channels, data: all channels, interleaved }
+export function readPNG(buf) {
   if (buf.readUInt32BE(0) !== 0x89504e47) throw new Error('not a PNG');
   let pos = 8, width, height, channels;
   const idat = [];
@@ -17,7 +25,7 @@ export function readPNGChannel0(buf) {
     pos += 12 + len;
   }
   const raw = zlib.inflateSync(Buffer.concat(idat)), stride = width * channels;
-  const out = new Uint8Array(width * height), prev = new Uint8Array(stride), cur = new Uint8Array(stride);
+  const out = new Uint8Array(stride * height), prev = new Uint8Array(stride), cur = new Uint8Array(stride);
   for (let y = 0; y < height; y++) {
     const filter = raw[y * (stride + 1)], line = raw.subarray(y * (stride + 1) + 1, (y + 1) * (stride + 1));
     for (let i = 0; i < stride; i++) {
@@ -34,10 +42,10 @@ export function readPNGChannel0(buf) {
       }
       cur[i] = (line[i] + p) & 0xff;
     }
-    for (let x = 0; x < width; x++) out[y * width + x] = cur[x * channels];
+    out.set(cur, y * stride);
     prev.set(cur);
   }
-  return { width, height, data: out };
+  return { width, height, channels, data: out };
 }
 
 export function readPNGSize(buf) {
