@@ -132,6 +132,14 @@ async function main() {
 
     // Offline: the service worker has cached everything; reload with the network off.
     await page.evaluate(() => navigator.serviceWorker.ready);
+    const pageCdp = await page.createCDPSession();
+    const manifest = await pageCdp.send('Page.getAppManifest');
+    // The test's browser context is an incognito one (for its proxy), which Chromium never installs from.
+    const installabilityErrors = (await pageCdp.send('Page.getInstallabilityErrors')).installabilityErrors
+      .filter((e) => e.errorId !== 'in-incognito');
+    check('installable: a valid manifest and no installability errors', manifest.errors.length === 0 &&
+      installabilityErrors.length === 0, JSON.stringify([...manifest.errors, ...installabilityErrors]));
+    await pageCdp.detach();
     await page.setOfflineMode(true);
     const response = await page.reload();
     check('offline reload is served by the service worker', response?.fromServiceWorker(), `status ${response?.status()}`);
