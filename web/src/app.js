@@ -224,6 +224,8 @@ async function handle(file) {
     document.body.dataset.state = 'done';
   } catch (err) {
     setStatus('');
+    $('result').hidden = true;  // the previous photo's result would read as this one's
+    state.result = null;
     showError(err instanceof UserError ? err.message : `Something went wrong: ${err.message || err}`);
     if (!(err instanceof UserError)) console.error(err);
   } finally {
@@ -233,8 +235,19 @@ async function handle(file) {
 }
 
 async function downloadOverlay() {
-  const r = state.result;
+  const r = state.result, status = $('status').textContent;
   if (!r) return;
+  setStatus('Preparing the outlined photo…');
+  try {
+    await saveOverlay(r);
+    setStatus(status);
+  } catch (err) {
+    setStatus('');
+    showError(`The outlined photo could not be made: ${err.message || err}`);
+  }
+}
+
+async function saveOverlay(r) {
   const canvas = new OffscreenCanvas(r.width, r.height), ctx = canvas.getContext('2d');
   let rgba;
   if (r.rgba) rgba = new Uint8ClampedArray(r.rgba);
