@@ -16,6 +16,7 @@ unshifted split and on the shifted images pooled, and what the review flag catch
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
 import time
@@ -72,7 +73,7 @@ def _summary(scores: np.ndarray, dices: np.ndarray, threshold: float) -> dict[st
     bad, poor = dices < 0.5, dices < GOOD_DICE
     return {"n": int(len(dices)), "dice_below_0.7": int(poor.sum()), "dice_below_0.5": int(bad.sum()),
             "auroc": None if np.isnan(area := auroc(scores, (dices >= GOOD_DICE).astype(int))) else round(area, 4),
-            "review_rate": round(float(review.mean()), 4),
+            "review_rate": round(float(review.mean()), 4) if len(review) else None,
             "review_catches_dice_below_0.5": round(float(review[bad].mean()), 4) if bad.any() else None,
             "review_catches_dice_below_0.7": round(float(review[poor].mean()), 4) if poor.any() else None,
             "mean_dice_reviewed": round(float(dices[review].mean()), 4) if review.any() else None,
@@ -93,12 +94,14 @@ def evaluate_rows(model: ReliabilityModel, rows: list[dict[str, Any]]) -> dict[s
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("mode", choices=["fit", "evaluate"])
+    p.add_argument("mode", choices=["fit", "evaluate", "collect"],
+                   help="fit (val), evaluate a fitted model, or collect: only write the rows (features, Dice)")
     p.add_argument("--weights", default="scsonet-isic2017", help="weights name or file (scsonet-isic2017)")
     p.add_argument("--data", type=Path, default=Path("data/isic2017"), help="prepared dataset (data/isic2017)")
     p.add_argument("--split", default="val", choices=["train", "val", "test"], help="split (val)")
     p.add_argument("--out", type=Path, required=True, help="fit: the model JSON; evaluate: the report JSON")
     p.add_argument("--model", type=Path, help="evaluate: the fitted model JSON")
+    p.add_argument("--rows", type=Path, action="append", help="evaluate: rows written by collect (repeatable) instead of predicting")
     p.add_argument("--shifts", default=",".join(DEFAULT_SHIFTS), help="comma-separated shift names")
     p.add_argument("--one-pass", action="store_true", help="predict with one pass, not two")
     p.add_argument("--catch", type=float, default=0.9, help="share of Dice < 0.5 images the review flag must catch (0.9)")
@@ -121,6 +124,20 @@ def _run(args, argv: list[str]) -> int:
     if args.mode == "evaluate" and args.model is None:
         raise ScsonetError("evaluate needs --model")
     model = ReliabilityModel.load(args.model) if args.mode == "evaluate" else None
+    command = shlex.join([".venv/bin/python", "benchmarks/fit_reliability.py", *argv])
+    if args.mode == "evaluate" and args.rows:
+        rows = []
+        for path in args.rows:
+            try:
+                rows += json.loads(path.read_text())["rows"]
+            except (OSError, ValueError, KeyError) as err:
+                raise ScsonetError(f"--rows: unreadable rows file ({path}: {err})") from None
+        summary = evaluate_rows(model, rows)
+        write_json_atomic(args.out, {"command": command, "model": str(args.model), "rows_from": [str(r) for r in args.rows],
+                                     **summary})
+        for part in ("unshifted", "shifted_pooled"):
+            print(part, summary[part])
+        return 0
     shift_names = [s for s in args.shifts.split(",") if s]
     try:
         get_shifts(shift_names)
@@ -136,7 +153,11 @@ def _run(args, argv: list[str]) -> int:
     ids = list(arrays.ids[:stop])
     segmenter = load_segmenter(args.weights, args.backend)
     rows = collect(segmenter, images, masks, ids, shift_names, two_pass=not args.one_pass, seed=args.seed)
-    command = shlex.join([".venv/bin/python", "benchmarks/fit_reliability.py", *argv])
+    if args.mode == "collect":
+        write_json_atomic(args.out, {"command": command, "weights": args.weights, "split": args.split,
+                                     "n_split_images": len(ids), "shifts": ["none", *shift_names], "rows": rows})
+        print(f"wrote {args.out} ({len(rows)} rows) in {time.perf_counter() - started:.0f} s")
+        return 0
     if args.mode == "fit":
         labels = [int(r["dice"] >= GOOD_DICE) for r in rows]
         model = ReliabilityModel.fit(rows, labels, FITTED, l2=args.l2, command=command, weights=args.weights,
