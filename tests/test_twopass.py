@@ -152,3 +152,11 @@ def test_label_components_match_scipy():
         ref, ref_count = ndimage.label(mask)
         assert count == ref_count
         np.testing.assert_array_equal(labels, ref)
+
+
+def test_rejected_tight_crop_whose_wide_crop_is_too_large_keeps_pass_one():
+    rgb, _ = photo(400, 400, [(200, 200, 50)])
+    seg = DarkSegmenter()
+    probs, info = two_pass_probabilities(rgb, seg, max_crop_share=0.3)  # 1.5: share 0.14, 3.0: 0.56
+    assert not info.second_pass and info.reason == "crop rejected" and seg.batches == [1, 1]
+    np.testing.assert_array_equal(probs, predict_probabilities([rgb], DarkSegmenter())[0])

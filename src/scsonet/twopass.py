@@ -56,7 +56,7 @@ class TwoPassInfo:
     """
 
     second_pass: bool
-    reason: str  # why pass 2 ran or not: "ran", "no lesion", "fills frame"
+    reason: str  # why pass 2 ran or not: "ran", "no lesion", "fills frame", "crop rejected"
     crop: Optional[list[int]] = None
     crop_share: Optional[float] = None
     agreement: Optional[float] = None
@@ -205,8 +205,10 @@ def two_pass_batch(images: Sequence[np.ndarray], segmenter: Segmenter, *, thresh
             share = (window[2] - window[0]) * (window[3] - window[1]) / (shape[0] * shape[1])
             info = results[k][1]
             info.crop, info.crop_share = window, round(share, 6)
-            if share <= max_crop_share:  # else wider contexts would not fit either: pass 1 stays
+            if share <= max_crop_share:
                 crops.append((k, window))
+            elif step:  # a tighter crop was rejected and this one covers too much: pass 1 stays
+                info.reason = "crop rejected"
         if not crops:
             break
         batch = np.stack([resize_image(np.ascontiguousarray(images[k][y0:y1, x0:x1]), size)
