@@ -38,13 +38,15 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="configs/isic2017_scsonet_robust.yaml", help="training config (robust)")
     p.add_argument("--data", default=None, help="prepared dataset (the config's data)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, as scsonet train --set does (e.g. robust_augment={zoom_in: 0.4})")
     p.add_argument("--out", type=Path, default=Path("docs/augment_examples.png"), help="PNG to write")
     p.add_argument("--n", type=int, default=16, help="samples in the picture (16)")
     p.add_argument("--seed", type=int, default=0, help="choice of samples and augmentation draws (0)")
     p.add_argument("--stats", type=int, default=512, help="samples for the lesion-share statistics (512; 0 = none)")
     args = p.parse_args(argv)
     try:
-        cfg = load_config(args.config, [f"data={args.data}"] if args.data else [])
+        cfg = load_config(args.config, args.overrides + ([f"data={args.data}"] if args.data else []))
         arrays = PreparedData(cfg.data).load("train")
         rng = np.random.default_rng(args.seed)
         pick = torch.from_numpy(np.sort(rng.choice(len(arrays), min(args.n, len(arrays)), replace=False)))

@@ -196,6 +196,9 @@ def test_load_config_checks_the_new_keys(tmp_path):
         load_config(None, ["robust_augment={jpeg: 2}"])
     with pytest.raises(ScsonetError, match=r"config robust_augment=0\.5: expected dict"):
         load_config(None, ["robust_augment=0.5"])
+    with pytest.raises(ScsonetError, match=r"config init_from='nowhere\.pt': no such file, and not a pretrained name"):
+        load_config(None, ["init_from=nowhere.pt"])
+    assert load_config(None, ["init_from=scsonet-isic2017"]).init_from == "scsonet-isic2017"
     for path in ("configs/ablation/robust_all.yaml", "configs/ablation/robust_no_scale.yaml",
                  "configs/ablation/robust_no_surroundings.yaml", "configs/ablation/robust_no_photometric.yaml",
                  "configs/ablation/robust_paper_only.yaml"):

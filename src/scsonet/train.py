@@ -40,7 +40,7 @@ from .evaluation import evaluate, write_report
 from .fast import optimizer_options, prepare_for_training
 from .losses import BceDiceLoss
 from .models import create_model
-from .models._loading import build_model, read_checkpoint
+from .models._loading import PRETRAINED, build_model, read_checkpoint
 from .models.egeunet import deep_supervision_loss
 from .parallel import ModelLoss, SplitBatchStep, cpu_budget
 
@@ -158,6 +158,9 @@ def check_config(cfg: TrainConfig) -> None:
         if not ok:
             raise ScsonetError(f"config {key}={getattr(cfg, key)!r}: expected {expected}")
     check_robust_config(cfg.robust_augment)
+    if cfg.init_from and cfg.init_from not in PRETRAINED and not Path(cfg.init_from).is_file():
+        raise ScsonetError(f"config init_from={cfg.init_from!r}: no such file, and not a pretrained name "
+                           f"({', '.join(PRETRAINED)})")
     build_model(cfg.model, cfg.model_args, "config")
 
 

@@ -7,11 +7,12 @@ cases too, in both directions of scale (zooming out and in, so large lesions sta
   ``zoom_in`` (a 0.5..0.9 sub-window, which may cut the lesion, enlarged) and ``translate``
   (a shift of up to 0.3 of the side), each with a mild aspect change as when a 4:3 photo is
   resized to a square;
-- surroundings that are not flat, wherever the photo does not cover the frame (zoom-out,
-  translation, the paper's rotated corners): ``skin_canvas`` (the most lesion-free half-size
-  window of another photo of the batch, enlarged), ``texture_canvas`` (procedural cloth, glove or
-  paper), otherwise a flat colour near the photo's border colour; ``fingers`` (shaded skin-toned
-  capsules entering from an edge) and ``ruler`` (a graduated strip) over the result;
+- surroundings that are not flat, wherever a moved photo does not cover the frame (the corners
+  that the paper's rotation alone uncovers stay black, as in the paper): ``skin_canvas`` (a
+  lesion-free half-size window of another photo of the batch, enlarged), ``texture_canvas``
+  (procedural cloth, glove or paper), otherwise a flat colour near the photo's border colour;
+  ``fingers`` (shaded skin-toned capsules entering from an edge) and ``ruler`` (a graduated
+  strip) over the result;
 - a dermoscope's ``frame`` (near-black outside a circle);
 - photometric: ``color`` (brightness, contrast, saturation, colour temperature),
   ``illumination`` (a smooth gradient and a vignette), ``blur``, ``noise`` and ``jpeg``
@@ -197,7 +198,7 @@ class RobustAugment:
         Sensor noise is cut from a fixed Gaussian noise bank (seeded once) at drawn offsets.
         The zoom priorities are exclusive: ``zoom_in`` applies to samples not zoomed out and
         ``translate`` to samples neither zoomed out nor in; ``texture_canvas`` to samples whose
-        canvas is not another photo's skin.
+        canvas is not another photo's skin (also where no photo of the batch has a clean window).
     """
 
     def __init__(self, probs: Mapping[str, float], paper: PaperAugment | None = None):
@@ -220,18 +221,24 @@ class RobustAugment:
     def _apply(fired: torch.Tensor, fn, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """``fn(idx, *subsets)`` on the samples that fired; the others pass untouched.
 
-        A subset's results are written into ``tensors`` in place (they belong to this call), so
-        the cost follows the number of samples transformed.
+        Called once per run of consecutive samples, on slices of ``tensors`` (views: nothing is
+        gathered), with the results copied back in place (the tensors belong to this call): the
+        cost follows the number of samples transformed.
         """
-        idx = fired.nonzero().squeeze(1)
-        if idx.numel() == 0:
+        idx = fired.nonzero().squeeze(1).tolist()
+        if not idx:
             return tensors
-        if idx.numel() == len(fired):
-            return fn(idx, *tensors)
-        dev = idx.to(tensors[0].device)
-        results = fn(idx, *(t[dev] for t in tensors))
-        for t, r in zip(tensors, results):
-            t[dev] = r
+        if len(idx) == len(fired):
+            return fn(torch.arange(len(fired)), *tensors)
+        runs, start = [], idx[0]
+        for a, b in zip(idx, idx[1:] + [None]):
+            if b != a + 1:
+                runs.append((start, a + 1))
+                start = b
+        for lo, hi in runs:
+            results = fn(torch.arange(lo, hi), *(t[lo:hi] for t in tensors))
+            for t, r in zip(tensors, results):
+                t[lo:hi] = r
         return tensors
 
     # -- the call ----------------------------------------------------------------------------
@@ -242,21 +249,24 @@ class RobustAugment:
             raise TypeError("RobustAugment expects float images and masks (convert uint8 first)")
         b, _, h, w = images.shape
         source, source_masks = images, masks
-        # Each pixel's distance to the photo's border rides along as a channel: after the paper's
-        # rotation and the zoom it tells where the photo ends (0 outside) and feathers that edge.
+        # Each pixel's distance to the photo's border rides along with the mask (nearest sampling
+        # is exact enough): after the paper's rotation and the zoom it tells where the photo ends
+        # (0 outside) and feathers that edge.
         xs, ys = _pixels(h, w, images)
         dist = torch.minimum(torch.minimum(xs, w - xs), torch.minimum(ys, h - ys)).expand(b, 1, h, w)
-        x = torch.cat([images, dist], 1)
+        x, masks = images, torch.cat([masks, dist], 1)
         if self.paper is not None:
             x, masks = self.paper(x, masks, generator)
-        masks = masks.clone() if masks is source_masks else masks  # written in place below
+        x = x.clone() if x is images else x  # written in place below
         draws = torch.rand(b, _NUM_DRAWS, generator=generator, dtype=torch.float64)
         lattice = torch.rand(b, _NUM_LATTICE, generator=generator, dtype=torch.float32)
+        fire = dict(zip(TRANSFORMS, (draws[:, _OFFSETS["fire"]] < self._p).unbind(1)))
+        # The transforms' parameters in the images' precision (on the CPU: their .to() are no-ops).
+        draws = draws.to(images.dtype)
         col = {name: draws[:, s] for name, s in _OFFSETS.items()}
-        fire = dict(zip(TRANSFORMS, (col["fire"] < self._p).unbind(1)))
 
-        x, masks, scale = self._geometry(x, masks, col, fire)
-        x, masks = self._surroundings(x, masks, scale, source, source_masks, lattice, col, fire)
+        x, masks, scale, moved = self._geometry(x, masks, col, fire)
+        x, masks = self._surroundings(x, masks, scale, moved, source, source_masks, lattice, col, fire)
         if fire["fingers"].any():
             x, masks = self._apply(fire["fingers"], lambda i, a, m: self._fingers(a, m, col["fingers"][i]), x, masks)
         if fire["ruler"].any():
@@ -267,12 +277,12 @@ class RobustAugment:
             if fire[name].any():
                 fn = getattr(self, "_" + name)
                 (x,) = self._apply(fire[name], lambda i, a, fn=fn, name=name: (fn(a, col[name][i]),), x)
-        return x.clamp_(0, 255), masks
+        return x.clamp_(0, 255), masks.contiguous()
 
     # -- geometry and surroundings ---------------------------------------------------------------
 
     def _geometry(self, x, masks, col, fire):
-        """Zoom out, zoom in or translate: x = [image, dist] (B, 4, H, W); returns the zoom factor (B,).
+        """Zoom out, zoom in or translate: masks = [mask, dist] (B, 2, H, W); returns the zoom factor (B,).
 
         Integer placements and crops with ``interpolate`` (antialiased when shrinking), per sample:
         several times cheaper on the CPU than a blur and a sampling grid.
@@ -282,15 +292,15 @@ class RobustAugment:
         zoom_in = fire["zoom_in"] & ~zoom_out
         shift = fire["translate"] & ~zoom_out & ~zoom_in
         scale = torch.ones(b, dtype=torch.float64)
-        moved = (zoom_out | zoom_in | shift).nonzero().squeeze(1).tolist()
-        if not moved:
-            return x, masks, scale
+        moved = zoom_out | zoom_in | shift
+        if not moved.any():
+            return x, masks, scale, moved
         g = col["geometry"]
         aspect = _log_lerp(0.8, 1.25, g[:, 1]).sqrt()
         # zoom_out: the photo's share of the frame per axis; zoom_in: the window's share of the photo
         share = torch.where(zoom_out, _log_lerp(0.3, 0.9, g[:, 0]), _log_lerp(0.5, 0.9, g[:, 0]))
         share = torch.stack([share / aspect, share * aspect], 1).clamp(max=0.95)  # (height, width)
-        for i in moved:
+        for i in moved.nonzero().squeeze(1).tolist():
             hs, ws = max(1, round(share[i, 0].item() * h)), max(1, round(share[i, 1].item() * w))
             oy, ox = round(g[i, 2].item() * (h - hs)), round(g[i, 3].item() * (w - ws))
             xi, mi = x[i:i + 1], masks[i:i + 1]
@@ -310,13 +320,16 @@ class RobustAugment:
             else:  # a shift of up to 0.3 of the side either way, what it uncovers left empty
                 dy, dx = round((g[i, 2].item() - 0.5) * 0.6 * h), round((g[i, 3].item() - 0.5) * 0.6 * w)
                 x[i], masks[i] = _shift(xi[0], dy, dx), _shift(mi[0], dy, dx)
-        return x, masks, scale
+        return x, masks, scale, moved
 
-    def _surroundings(self, x, masks, scale, source, source_masks, lattice, col, fire):
-        """Fill where the photo does not reach with a canvas; drops the distance channel."""
-        image, dist = x[:, :3], x[:, 3:]
+    def _surroundings(self, x, masks, scale, moved, source, source_masks, lattice, col, fire):
+        """Fill where a moved photo does not reach with a canvas; drops the distance channel.
+
+        Photos only rotated keep the paper's black corners (and its cost).
+        """
+        image, masks, dist = x, masks[:, :1], masks[:, 1:]
         # Untouched photos have 0.5 at their edge pixels; less means some pixel lies outside.
-        need = (dist.flatten(1).amin(1) < 0.49).cpu()
+        need = moved & (dist.flatten(1).amin(1) < 0.49).cpu()
         if not need.any():
             return image, masks
         border = _border_mean(source)
@@ -329,7 +342,7 @@ class RobustAugment:
             alpha = (d * _v(zoom.to(img)) / _v(feather.clamp_min(1.0).to(img))).clamp(0, 1)
             return torch.lerp(cv, img, alpha), torch.where(alpha >= 0.5, m, cm)
 
-        image, masks = self._apply(need, lambda i, a, m: fill(i, a, m, dist[i.to(dist.device)]), image, masks)
+        image, masks = self._apply(need, lambda i, a, m: fill(i, a, m, dist[int(i[0]):int(i[-1]) + 1]), image, masks)
         return image, masks
 
     def _canvas(self, idx, source, source_masks, border, lattice, col, fire, h, w):
@@ -356,7 +369,7 @@ class RobustAugment:
             win = source[j:j + 1, :, y0:y0 + kh, x0:x0 + kw]
             sk = F.interpolate(win.flip(dims) if dims else win, size=(h, w), mode="bilinear", align_corners=False)[0]
             # Pull the borrowed skin's tone most of the way towards this photo's own skin.
-            ratio = (target[k] / sk.mean((1, 2)).clamp_min(1.0)).clamp(0.5, 2.0)
+            ratio = (target[k] / win[0, :, ::4, ::4].mean((1, 2)).clamp_min(1.0)).clamp(0.5, 2.0)
             canvas[k] = sk * (1 + _lerp(0.5, 1.0, cols[k, 6].item()) * (ratio[:, None, None] - 1))
         if texture.any():
             t = texture.nonzero().squeeze(1)
@@ -374,17 +387,24 @@ class RobustAugment:
         """
         b, _, h, w = source.shape
         kh, kw, sh, sw = max(h // 2, 1), max(w // 2, 1), max(h // 4, 1), max(w // 4, 1)
-        lesion = F.avg_pool2d(source_masks, (kh, kw), (sh, sw)).flatten(1)
-        dark = F.avg_pool2d((source.mean(1, keepdim=True) < 50).to(source.dtype), (kh, kw), (sh, sw)).flatten(1)
+        # Shares measured on every 4th pixel each way: plenty for a half-size window, 16x cheaper.
+        step = 4 if min(h, w) >= 64 else 1
+        pk, ps = (max(kh // step, 1), max(kw // step, 1)), (max(sh // step, 1), max(sw // step, 1))
+        coarse = source[..., ::step, ::step]
+        lesion = F.avg_pool2d(source_masks[..., ::step, ::step], pk, ps)
+        gw = lesion.shape[-1]
+        lesion = lesion.flatten(1)
+        dark = F.avg_pool2d((coarse.mean(1, keepdim=True) < 50).to(source.dtype), pk, ps).flatten(1)
         best = (lesion + dark).argmin(1, keepdim=True)
         clean = ((lesion.gather(1, best) <= 0.005) & (dark.gather(1, best) <= 0.05))[:, 0].tolist()
-        best, gw = best[:, 0].tolist(), (w - kw) // sw + 1
+        best = best[:, 0].tolist()
         out = []
         for i, u in zip(own.tolist(), start.tolist()):
             first = int(u * (b - 1))
             order = [(i + 1 + (first + t) % (b - 1)) % b for t in range(b - 1)]
             j = next((j for j in order if clean[j]), None)
-            out.append(None if j is None else (j, (best[j] // gw) * sh, (best[j] % gw) * sw, kh, kw))
+            out.append(None if j is None else (j, min((best[j] // gw) * ps[0] * step, h - kh),
+                                               min((best[j] % gw) * ps[1] * step, w - kw), kh, kw))
         return out
 
     @staticmethod
@@ -471,7 +491,7 @@ class RobustAugment:
         shadow = 1 - 0.35 * (1 - (dist - r) / (0.6 * r)).clamp(0, 1)  # a soft shadow beside it
         pick = (c[:, 8] * len(_SKIN)).long().clamp(max=len(_SKIN) - 1)
         warm = 0.04 * (c[:, 10] - 0.5)
-        tone = (torch.tensor(_SKIN, dtype=x.dtype, device=x.device)[pick] * _lerp(0.9, 1.1, c[:, 9:10])
+        tone = (torch.tensor(_SKIN, dtype=x.dtype, device=x.device)[pick] * _lerp(0.85, 1.03, c[:, 9:10])
                 * torch.stack([1 + warm, torch.ones_like(warm), 1 - warm], 1))
         return torch.lerp(x * shadow, tone[:, :, None, None] * shade, alpha), masks * (alpha < 0.5)
 
