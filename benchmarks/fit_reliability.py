@@ -3,7 +3,9 @@
     .venv/bin/python benchmarks/fit_reliability.py fit --weights scsonet-isic2017 --data data/isic2017 \\
         --split val --out src/scsonet/weights/scsonet_isic2017_v1.reliability.json
     .venv/bin/python benchmarks/fit_reliability.py evaluate --model src/scsonet/weights/scsonet_isic2017_v1.reliability.json \\
-        --weights scsonet-isic2017 --data data/isic2017 --split test --out docs/robustness/twopass_reliability_v1_test.json
+        --weights scsonet-isic2017 --data data/isic2017 --split test --out docs/robustness/reliability_v1_test.json
+    .venv/bin/python benchmarks/fit_reliability.py collect --split test --sample 120 --out ROWS.json
+    .venv/bin/python benchmarks/fit_reliability.py evaluate --model MODEL.json --rows ROWS.json --out REPORT.json
 
 Every image of the split and of each ``--shifts`` (``scsonet.shifts``, seeded per image) goes
 through two-pass prediction (``scsonet.twopass``, its defaults; ``--one-pass`` to fit without
@@ -11,7 +13,8 @@ it), then ``scsonet.reliability.reliability_features`` and its Dice against the 
 fits the logistic model (target: Dice >= 0.7) on all of them, chooses the review threshold so
 that ``--catch`` of the images with Dice < 0.5 fall under it, and writes the JSON (``fit``
 refuses any split but val). ``evaluate`` reports AUROC (Dice < 0.7 against the rest) on the
-unshifted split and on the shifted images pooled, and what the review flag catches.
+unshifted split and on the shifted images pooled, and what the review flag catches; ``collect``
+only writes the rows (features and Dice per image), which ``evaluate --rows`` scores later.
 """
 from __future__ import annotations
 
@@ -108,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--l2", type=float, default=1e-2, help="L2 penalty on the standardised coefficients (0.01)")
     p.add_argument("--backend", default="onnx", choices=["torch", "onnx"], help="(onnx: the same outputs, faster)")
     p.add_argument("--limit", type=int, default=None, help="only the first N images of the split (all)")
+    p.add_argument("--sample", type=int, default=None, help="only N images of the split drawn at random with --seed (all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args(argv)
@@ -147,10 +151,12 @@ def _run(args, argv: list[str]) -> int:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
     arrays = PreparedData(args.data).load(args.split)
-    stop = args.limit or len(arrays.ids)
-    images = list(arrays.images[:stop].permute(0, 2, 3, 1).numpy())
-    masks = list(arrays.masks[:stop, 0].numpy())
-    ids = list(arrays.ids[:stop])
+    keep = np.arange(args.limit or len(arrays.ids))
+    if args.sample:  # the first images of a split are not a fair sample (ISIC's older, larger lesions)
+        keep = np.sort(np.random.default_rng(args.seed).choice(len(arrays.ids), min(args.sample, len(arrays.ids)), replace=False))
+    images = list(arrays.images[keep].permute(0, 2, 3, 1).numpy())
+    masks = list(arrays.masks[keep, 0].numpy())
+    ids = [arrays.ids[i] for i in keep]
     segmenter = load_segmenter(args.weights, args.backend)
     rows = collect(segmenter, images, masks, ids, shift_names, two_pass=not args.one_pass, seed=args.seed)
     if args.mode == "collect":
