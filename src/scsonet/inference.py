@@ -3,8 +3,12 @@ and the sample images shipped with the package.
 
 The model runs at its preset size (256 x 256): each image is resized to it (bilinear,
 antialiased), and the probability map is resized back to the image's size (bilinear) before
-thresholding. Importing this module does not import torch (only ``TorchSegmenter`` and
-``segment`` do), so an ONNX Runtime backend can reuse ``predict_files`` without PyTorch.
+thresholding. Two-pass prediction (``scsonet.twopass``, on by default in ``scsonet predict`` and
+``segment()``) adds a second pass on a full-resolution crop around a lesion that is small in the
+frame; the reliability score (``scsonet.reliability``) says per image whether the outline is to
+be reviewed. Importing this module does not import torch (only ``TorchSegmenter``, ``segment``
+and ``find_reliability_model`` do), so an ONNX Runtime backend can reuse ``predict_files``
+without PyTorch.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ import json
 import os
 import sys
 from importlib import resources
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Optional, Protocol, Sequence
 
@@ -27,6 +32,8 @@ from .errors import ScsonetError
 from .imageio import IMAGE_SUFFIXES, ImageLike, expand_inputs, read_image, to_rgb_array
 from .postprocess import (draw_overlay, probabilities_to_uint8, resize_image, resize_probabilities,
                           summarize)
+from .reliability import ReliabilityModel, default_model_path, reliability_features
+from .twopass import TwoPassInfo, two_pass_batch
 
 try:
     import fcntl
@@ -38,11 +45,14 @@ if TYPE_CHECKING:
 
     from .models import LoadedModel
 
-__all__ = ["JOURNAL_NAME", "PredictRows", "RESULT_FIELDS", "Segmenter", "TorchSegmenter", "predict_files",
-           "predict_probabilities", "sample_images", "segment"]
+__all__ = ["JOURNAL_NAME", "PredictRows", "RESULT_FIELDS", "Segmentation", "Segmenter", "TorchSegmenter",
+           "assess", "find_reliability_model", "predict_batch", "predict_files", "predict_probabilities",
+           "reliability_setting", "sample_images", "segment", "segment_image"]
 
 RESULT_FIELDS = ["file", "status", "error", "width", "height", "lesion_found", "lesion_area_px",
-                 "lesion_fraction", "bbox", "mean_confidence"]
+                 "lesion_fraction", "bbox", "mean_confidence", "two_pass", "reliability", "review"]
+# Journal lines written before two-pass and the reliability score lack the last three: still valid rows.
+_REQUIRED_FIELDS = RESULT_FIELDS[:RESULT_FIELDS.index("two_pass")]
 PROBABILITY_FORMATS = ("png", "npy")
 JOURNAL_NAME = "results.jsonl"  # in --out: one line per finished input, every run's
 _O_BINARY = getattr(os, "O_BINARY", 0)  # Windows would otherwise translate the newlines
@@ -52,6 +62,7 @@ class Segmenter(Protocol):
     """What the pipeline needs from a backend (PyTorch here; ONNX Runtime can implement it too)."""
 
     input_size: tuple[int, int]  # (height, width) the model runs at
+    # Optionally also ``reliability``: the ``ReliabilityModel`` fitted for these weights, or None.
 
     def predict_probs(self, images: np.ndarray) -> np.ndarray:
         """(B, H, W, 3) uint8 RGB at ``input_size`` -> (B, H, W) float32 lesion probabilities."""
@@ -65,9 +76,12 @@ class TorchSegmenter:
         loaded: model and preprocessing from ``scsonet.models.load_model``.
         device: where the model runs ("cpu").
         tta: average the probabilities over the four flips (identity, horizontal, vertical, both) (False).
+        reliability: the reliability model fitted for these weights (``find_reliability_model``) (None).
     """
 
-    def __init__(self, loaded: LoadedModel, device: str | torch.device = "cpu", tta: bool = False):
+    def __init__(self, loaded: LoadedModel, device: str | torch.device = "cpu", tta: bool = False,
+                 reliability: Optional[ReliabilityModel] = None):
+        self.reliability = reliability
         self.model = loaded.model.to(device).eval()
         self.preset = loaded.preset
         self.device = device
@@ -95,6 +109,64 @@ def predict_probabilities(images: Sequence[np.ndarray], segmenter: Segmenter) ->
     return [resize_probabilities(p, rgb.shape[:2]) for p, rgb in zip(segmenter.predict_probs(batch), images)]
 
 
+def predict_batch(images: Sequence[np.ndarray], segmenter: Segmenter, threshold: float = 0.5,
+                  two_pass: bool = True) -> list[tuple[np.ndarray, Optional[TwoPassInfo]]]:
+    """RGB uint8 images of any sizes -> (probabilities at the image's size, two-pass info or None)
+    each; with ``two_pass``, a lesion small in the frame gets a second pass on a crop of the image."""
+    recorder = _Recorder(segmenter)
+    one_pass = predict_probabilities(images, recorder)  # pass 1 is the one-pass prediction, by one path
+    if not two_pass:
+        return [(p, None) for p in one_pass]
+    del one_pass  # two-pass makes its own maps at the images' sizes from pass 1's at the model's
+    return two_pass_batch(images, segmenter, threshold=threshold, first=np.concatenate(recorder.outputs))
+
+
+class _Recorder:
+    """A segmenter that keeps what it returns: pass 1's maps at the model's size, for two-pass."""
+
+    def __init__(self, segmenter: Segmenter):
+        self.segmenter, self.input_size, self.outputs = segmenter, segmenter.input_size, []
+
+    def predict_probs(self, images: np.ndarray) -> np.ndarray:
+        probs = self.segmenter.predict_probs(images)
+        self.outputs.append(probs)
+        return probs
+
+
+def assess(model: Optional[ReliabilityModel], probs: np.ndarray, info: Optional[TwoPassInfo],
+           threshold: float) -> dict[str, Any]:
+    """{"reliability": 0..1 (3 decimals), "review": bool} of one map; both None without a model."""
+    if model is None:
+        return {"reliability": None, "review": None}
+    verdict = model.assess(reliability_features(probs, info, threshold))
+    return {"reliability": round(verdict["reliability"], 3), "review": verdict["review"]}
+
+
+def reliability_setting(model: Optional[ReliabilityModel], two_pass: bool) -> Optional[str]:
+    """How a run's reliability scores were made, for its settings: the weights and split the model
+    was fitted for, and a caution when it was fitted on two-pass outputs but this run is one-pass
+    (the scores are then computed all the same, but their calibration was not measured)."""
+    if model is None:
+        return None
+    meta = model.meta
+    text = f"fitted for {meta.get('weights', '?')} on {meta.get('split', '?')}"
+    fitted_two_pass = bool(meta.get("two_pass", False))
+    text += ", two-pass" if fitted_two_pass else ", one-pass"
+    if fitted_two_pass and not two_pass:
+        text += " (this run is one-pass: scores not calibrated for it)"
+    return text
+
+
+def find_reliability_model(weights: str | os.PathLike) -> Optional[ReliabilityModel]:
+    """The reliability model shipped beside PyTorch weights (pretrained name, ``.safetensors`` or
+    ``.pt``): ``X.reliability.json`` beside ``X.<ext>``, validated; None if there is none."""
+    from .models import PRETRAINED
+
+    spec = str(weights)
+    sidecar = default_model_path(PRETRAINED[spec].path if spec in PRETRAINED else Path(spec))
+    return ReliabilityModel.load(sidecar) if sidecar.is_file() else None
+
+
 def sample_images() -> list[Path]:
     """The dermoscopic images shipped with the package (ISIC 2017 test set, CC0)."""
     folder = Path(str(resources.files("scsonet").joinpath("samples")))
@@ -107,21 +179,49 @@ def _cached_segmenter(weights: str, stamp: Optional[int], device: str, tta: bool
     from .models import load_model
 
     resolved = resolve_device(device)
-    return TorchSegmenter(load_model(weights, resolved), resolved, tta)
+    return TorchSegmenter(load_model(weights, resolved), resolved, tta, find_reliability_model(weights))
 
 
-def segment(image: ImageLike, weights: str | os.PathLike = "scsonet-isic2017", threshold: float = 0.5,
-            tta: bool = False, device: str = "auto") -> np.ndarray:
-    """Lesion mask of one image: a path, a PIL image, or an array (H, W), (H, W, 3) or (H, W, 4).
+@dataclass(frozen=True)
+class Segmentation:
+    """``segment_image``'s result for one image, at the image's own size.
 
-    The model stays loaded between calls (a weights file is reloaded when it changes on disk).
-    Returns a bool array (H, W) at the image's own size (after its EXIF orientation, for files).
+    ``two_pass``: whether the outline came from a second pass on a crop (``info`` says why or why
+    not; None when two-pass was off). ``reliability`` (0..1, the modelled chance that the outline's
+    Dice is >= 0.7) and ``review`` (reliability below the model's threshold: check the outline)
+    are None for weights without a reliability model.
     """
+
+    mask: np.ndarray  # bool (H, W)
+    probabilities: np.ndarray  # float32 (H, W)
+    two_pass: bool
+    reliability: Optional[float]
+    review: Optional[bool]
+    info: Optional[TwoPassInfo] = None
+
+
+def segment_image(image: ImageLike, weights: str | os.PathLike = "scsonet-isic2017", threshold: float = 0.5,
+                  tta: bool = False, device: str = "auto", two_pass: bool = True) -> Segmentation:
+    """Segment one image (as ``segment``) and say how far to trust it: a ``Segmentation``."""
     path = Path(weights)
     stamp = path.stat().st_mtime_ns if path.is_file() else None
     segmenter = _cached_segmenter(str(weights), stamp, str(device), bool(tta))
-    probs = predict_probabilities([to_rgb_array(image)], segmenter)[0]
-    return probs >= threshold
+    probs, info = predict_batch([to_rgb_array(image)], segmenter, threshold, two_pass)[0]
+    verdict = assess(segmenter.reliability, probs, info, threshold)
+    return Segmentation(probs >= threshold, probs, bool(info and info.second_pass), verdict["reliability"],
+                        verdict["review"], info)
+
+
+def segment(image: ImageLike, weights: str | os.PathLike = "scsonet-isic2017", threshold: float = 0.5,
+            tta: bool = False, device: str = "auto", two_pass: bool = True) -> np.ndarray:
+    """Lesion mask of one image: a path, a PIL image, or an array (H, W), (H, W, 3) or (H, W, 4).
+
+    The model stays loaded between calls (a weights file is reloaded when it changes on disk).
+    ``two_pass``: a second pass on a crop of the image around a lesion that is small in the frame.
+    Returns a bool array (H, W) at the image's own size (after its EXIF orientation, for files);
+    ``segment_image`` gives the probabilities, the reliability score and the review flag too.
+    """
+    return segment_image(image, weights, threshold, tta, device, two_pass).mask
 
 
 def _output_paths(out_dir: Path, stem: str, save_probabilities: Optional[str]) -> dict[str, Path]:
@@ -131,7 +231,8 @@ def _output_paths(out_dir: Path, stem: str, save_probabilities: Optional[str]) -
     return paths
 
 
-def _write_outputs(paths: dict[str, Path], rgb: np.ndarray, probs: np.ndarray, mask: np.ndarray) -> None:
+def _write_outputs(paths: dict[str, Path], rgb: np.ndarray, probs: np.ndarray, mask: np.ndarray,
+                   verdict: dict[str, Any]) -> None:
     if "probabilities" in paths:
         with atomic_path(paths["probabilities"]) as tmp:
             if paths["probabilities"].suffix == ".npy":
@@ -142,7 +243,7 @@ def _write_outputs(paths: dict[str, Path], rgb: np.ndarray, probs: np.ndarray, m
     with atomic_path(paths["mask"]) as tmp:
         Image.fromarray(mask.astype(np.uint8) * 255).save(tmp, format="PNG")
     with atomic_path(paths["overlay"]) as tmp:
-        draw_overlay(rgb, mask).save(tmp, format="PNG", compress_level=1)  # 3x faster than 6, 40% larger
+        draw_overlay(rgb, mask, bool(verdict["review"]), verdict["reliability"]).save(tmp, format="PNG", compress_level=1)  # 3x faster than 6, 40% larger
 
 
 def _error_row(file: str, message: str) -> dict[str, Any]:
@@ -225,7 +326,7 @@ class _Journal:
                 continue
             if (isinstance(entry, dict) and isinstance(entry.get("file"), str)
                     and entry.get("status") in ("ok", "error") and isinstance(entry.get("settings"), dict)
-                    and all(key in entry for key in RESULT_FIELDS)):
+                    and all(key in entry for key in _REQUIRED_FIELDS)):
                 entries.append(entry)
         return entries
 
@@ -254,7 +355,7 @@ def _current_entries(entries: list[dict[str, Any]]) -> dict[str, dict[str, Any]]
 
 
 def _as_row(entry: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
-    row = {key: entry[key] for key in RESULT_FIELDS}
+    row = {key: entry.get(key) for key in RESULT_FIELDS}
     if entry["settings"] != settings:
         row["settings"] = entry["settings"]
     return row
@@ -284,10 +385,13 @@ def _write_results(journal: _Journal, settings: dict[str, Any], first: Sequence[
 
 
 def _segment_and_save(path: Path, outputs: dict[str, Path], rgb: np.ndarray, probs: np.ndarray,
-                      threshold: float) -> dict[str, Any]:
+                      info: Optional[TwoPassInfo], threshold: float,
+                      reliability: Optional[ReliabilityModel]) -> dict[str, Any]:
     mask = probs >= threshold
-    _write_outputs(outputs, rgb, probs, mask)
-    return {"file": str(path), "status": "ok", "error": "", **summarize(probs, mask).to_dict()}
+    verdict = assess(reliability, probs, info, threshold)
+    _write_outputs(outputs, rgb, probs, mask, verdict)
+    return {"file": str(path), "status": "ok", "error": "", **summarize(probs, mask).to_dict(),
+            "two_pass": bool(info and info.second_pass), **verdict}
 
 
 def _open_out_dir(out_dir: Path) -> _Journal:
@@ -303,12 +407,16 @@ def _open_out_dir(out_dir: Path) -> _Journal:
 def predict_files(inputs: Sequence[str | os.PathLike], segmenter: Segmenter, out_dir: str | os.PathLike, *,
                   threshold: float = 0.5, batch_size: int = 8, save_probabilities: Optional[str] = None,
                   skip_existing: bool = False, progress: bool = True,
-                  settings: Optional[dict[str, Any]] = None) -> PredictRows:
+                  settings: Optional[dict[str, Any]] = None, two_pass: bool = False,
+                  reliability: Optional[ReliabilityModel] = None) -> PredictRows:
     """Segment image files, folders and globs; write masks, overlays and ``results.{jsonl,json,csv}``.
 
     Per image in ``out_dir``: ``<stem>_mask.png`` (0/255), ``<stem>_overlay.png`` (outline, or a
     "no lesion found" label) and, with ``save_probabilities`` ("png" 0..255 or "npy" float32),
-    ``<stem>_prob.<ext>``, each written atomically. A bad input of any kind (unreadable, truncated,
+    ``<stem>_prob.<ext>``, each written atomically. With ``two_pass`` (``scsonet predict``'s default;
+    off here, as before it existed), a lesion small in the frame gets a second pass on a crop
+    (``scsonet.twopass``). With a ``reliability`` model, each row gets ``reliability`` and
+    ``review``, and a reviewed image's overlay an amber "REVIEW" banner. A bad input of any kind (unreadable, truncated,
     over the pixel limit, out of memory) is reported on stderr in one line and becomes an error
     row; the others are still done.
 
@@ -322,6 +430,9 @@ def predict_files(inputs: Sequence[str | os.PathLike], segmenter: Segmenter, out
     ``results.json`` is ``{"settings": this run's settings, "images": rows}``; a row made with
     other settings carries them as its own ``"settings"`` key (in results.csv, a JSON
     ``settings`` column, empty for rows made with this run's settings).
+
+    The settings record ``"two_pass": true`` when it is on (rows without the key were one-pass)
+    and, with a reliability model, ``"reliability"`` (``reliability_setting``).
 
     ``skip_existing`` (--continue) reuses an image's row when its latest journal row is ok, has
     the same ``settings`` and its outputs (as this call would write them) exist.
@@ -340,6 +451,10 @@ def predict_files(inputs: Sequence[str | os.PathLike], segmenter: Segmenter, out
         raise ScsonetError(f"batch size {batch_size} must be at least 1")
     out_dir = Path(out_dir)
     settings = {**(settings or {}), "threshold": threshold}
+    if two_pass:
+        settings["two_pass"] = True
+    if reliability is not None:
+        settings["reliability"] = reliability_setting(reliability, two_pass)
     journal = _open_out_dir(out_dir)
     rows: dict[str, dict[str, Any]] = {}  # by file, filled in any order, returned in input order
 
@@ -395,9 +510,9 @@ def predict_files(inputs: Sequence[str | os.PathLike], segmenter: Segmenter, out
                 rgb = _read_or_fail(path, fail)
                 if rgb is not None:
                     batch.append((path, outputs, rgb))
-            for (path, outputs, rgb), probs in _predict_or_fail(batch, segmenter, fail):
+            for (path, outputs, rgb), (probs, info) in _predict_or_fail(batch, segmenter, fail, threshold, two_pass):
                 try:
-                    row = _segment_and_save(path, outputs, rgb, probs, threshold)
+                    row = _segment_and_save(path, outputs, rgb, probs, info, threshold, reliability)
                 except OSError as err:
                     fail(str(path), f"{path}: cannot write its outputs in {out_dir} ({err})")
                     continue
@@ -409,6 +524,8 @@ def predict_files(inputs: Sequence[str | os.PathLike], segmenter: Segmenter, out
                 if not row["lesion_found"]:
                     log(f"note: {path}: no lesion found (highest probability {probs.max():.3f} "
                         f"< threshold {threshold})")
+                if row["review"]:
+                    log(f"note: {path}: review: the outline may be wrong (reliability {row['reliability']:.3f})")
             bar.update(len(chunk))
     finally:  # an interrupted run still rebuilds results.csv/json from what the folder finished
         if bar is not None:
@@ -432,14 +549,15 @@ def _read_or_fail(path: Path, fail) -> Optional[np.ndarray]:
     return None
 
 
-def _predict_or_fail(batch: list, segmenter: Segmenter, fail) -> list:
-    """``(item, probabilities)`` per image of ``batch``; on MemoryError the batch is redone one
-    image at a time, so only an image that does not fit on its own fails."""
+def _predict_or_fail(batch: list, segmenter: Segmenter, fail, threshold: float, two_pass: bool) -> list:
+    """``(item, (probabilities, two-pass info))`` per image of ``batch``; on MemoryError the batch
+    is redone one image at a time, so only an image that does not fit on its own fails."""
     try:
-        return list(zip(batch, predict_probabilities([rgb for *_, rgb in batch], segmenter))) if batch else []
+        return (list(zip(batch, predict_batch([rgb for *_, rgb in batch], segmenter, threshold, two_pass)))
+                if batch else [])
     except MemoryError:
         if len(batch) == 1:
             path, _, rgb = batch[0]
             fail(str(path), f"{path}: not enough memory to segment its {rgb.shape[1]}x{rgb.shape[0]} pixels")
             return []
-    return [pair for item in batch for pair in _predict_or_fail([item], segmenter, fail)]
+    return [pair for item in batch for pair in _predict_or_fail([item], segmenter, fail, threshold, two_pass)]

@@ -12,10 +12,11 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 from PIL import Image, ImageDraw, ImageFont
 
-__all__ = ["LesionSummary", "draw_overlay", "erode", "outline", "probabilities_to_uint8", "resize_image",
+__all__ = ["LesionSummary", "REVIEW_COLOR", "draw_overlay", "erode", "outline", "probabilities_to_uint8", "resize_image",
            "resize_probabilities", "summarize"]
 
 OUTLINE_COLOR = (0, 255, 0)  # green stands out on brown, red and pink skin alike
+REVIEW_COLOR = (255, 176, 0)  # amber banner of an outline to review: unlike the green outline and the label
 
 
 def resize_image(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -91,18 +92,39 @@ def _label_font(image_height: int) -> ImageFont.ImageFont:
         return ImageFont.load_default()
 
 
-def draw_overlay(rgb: np.ndarray, mask: np.ndarray) -> Image.Image:
-    """The image with the lesion outline drawn on it, or with a "no lesion found" label."""
+def _label(draw: ImageDraw.ImageDraw, texts: tuple[str, ...], height: int, width: int, bottom: bool,
+           fill: tuple[int, int, int], color: tuple[int, int, int], banner: bool) -> None:
+    """The first of ``texts`` that fits the width (else the last), in a box at the top left, or in a
+    full-width banner along the bottom edge."""
+    font = _label_font(height)
+    margin = max(2, height // 64)
+    for text in texts:
+        box = draw.textbbox((0, 0), text, font=font)
+        if box[2] + 2 * margin <= width:
+            break
+    y = height - margin - box[3] if bottom else margin  # the box ends at the bottom edge
+    x0, x1 = (0, width) if banner else (box[0], margin + box[2] + margin)
+    draw.rectangle((x0, y + box[1] - margin, x1, y + box[3] + margin), fill=fill)
+    draw.text((margin, y), text, fill=color, font=font)
+
+
+def draw_overlay(rgb: np.ndarray, mask: np.ndarray, review: bool = False,
+                 reliability: Optional[float] = None) -> Image.Image:
+    """The image with the lesion outline drawn on it, or with a "no lesion found" label; with
+    ``review``, an amber banner along the bottom edge says that the outline may be wrong (and gives
+    ``reliability`` when known)."""
     height, width = mask.shape
     canvas = rgb.copy()
     if mask.any():
         canvas[outline(mask, outline_width(height, width))] = OUTLINE_COLOR
-        return Image.fromarray(canvas)
     image = Image.fromarray(canvas)
+    if mask.any() and not review:
+        return image
     draw = ImageDraw.Draw(image)
-    font = _label_font(height)
-    margin = max(2, height // 64)
-    box = draw.textbbox((margin, margin), "no lesion found", font=font)
-    draw.rectangle((box[0] - margin, box[1] - margin, box[2] + margin, box[3] + margin), fill=(0, 0, 0))
-    draw.text((margin, margin), "no lesion found", fill=(255, 255, 0), font=font)
+    if not mask.any():
+        _label(draw, ("no lesion found",), height, width, False, (0, 0, 0), (255, 255, 0), False)
+    if review:
+        score = "" if reliability is None else f" (reliability {reliability:.2f})"
+        _label(draw, (f"REVIEW: outline may be wrong{score}", f"REVIEW{score}", "REVIEW"), height, width,
+               True, REVIEW_COLOR, (0, 0, 0), True)
     return image

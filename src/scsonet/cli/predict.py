@@ -14,7 +14,11 @@ def register(subparsers) -> None:
         description="Segment dermoscopic images (JPEG/PNG/BMP/TIFF, any size and mode). Per image, writes "
                     "<stem>_mask.png and <stem>_overlay.png into --out, and one row to results.jsonl as it goes "
                     "(results.csv and results.json are rebuilt from it at the end; they list every image "
-                    "predicted into --out). Exit status 1 if any input failed; the others are still done.")
+                    "predicted into --out). A lesion small in the frame is outlined again from a crop of the "
+                    "full-resolution image (two-pass). With weights that ship a reliability model (the pretrained "
+                    "ones, and ONNX exports of them), each image gets a reliability score (0..1) and a review flag; "
+                    "a reviewed image's overlay carries an amber REVIEW banner. "
+                    "Exit status 1 if any input failed; the others are still done.")
     p.add_argument("inputs", nargs="*", metavar="INPUT", help="image files, folders (not recursive) or glob patterns")
     p.add_argument("--out", "-o", type=Path, required=True, help="output folder (created if missing)")
     p.add_argument("--samples", action="store_true", help="also segment the sample images shipped with scsonet")
@@ -26,6 +30,9 @@ def register(subparsers) -> None:
     p.add_argument("--threads", type=int, default=None, help="CPU threads of the onnxruntime backend (one per core)")
     p.add_argument("--threshold", type=float, default=0.5, help="probability at or above which a pixel is lesion (0.5)")
     p.add_argument("--tta", action="store_true", help="average over horizontal and vertical flips (4 passes)")
+    p.add_argument("--no-two-pass", dest="two_pass", action="store_false",
+                   help="one pass on the whole image resized to the model's size, no second pass on a crop "
+                        "(the reliability score was fitted on two-pass outputs)")
     p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (8)")
     p.add_argument("--save-probabilities", nargs="?", const="png", choices=["png", "npy"], default=None,
                    help="also write <stem>_prob.png (0..255) or, with 'npy', float32 <stem>_prob.npy")
@@ -50,14 +57,17 @@ def run(args) -> int:
         rows = predict_files(inputs, segmenter, args.out, threshold=args.threshold, batch_size=args.batch_size,
                              save_probabilities=args.save_probabilities, skip_existing=args.skip_existing,
                              progress=not args.quiet,
-                             settings={"backend": args.backend, "weights": source, "tta": args.tta})
+                             settings={"backend": args.backend, "weights": source, "tta": args.tta},
+                             two_pass=args.two_pass, reliability=getattr(segmenter, "reliability", None))
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     failed = sum(row["status"] == "error" for row in rows)
     no_lesion = sum(row["status"] == "ok" and not row["lesion_found"] for row in rows)
+    review = sum(row["status"] == "ok" and bool(row["review"]) for row in rows)
     done = f", {rows.already_done} already done" if args.skip_existing else ""
-    print(f"{len(rows) - failed - rows.already_done} image(s) segmented{done} ({no_lesion} with no lesion found), "
+    print(f"{len(rows) - failed - rows.already_done} image(s) segmented{done} ({no_lesion} with no lesion found, "
+          f"{review} to review), "
           f"{failed} failed; masks, overlays and results.csv in {args.out}")
     return 1 if failed else 0
 
@@ -78,12 +88,12 @@ def _terminate_on_sigterm():
 
 def _torch_segmenter(args):
     from .._device import resolve_device
-    from ..inference import TorchSegmenter
+    from ..inference import TorchSegmenter, find_reliability_model
     from ..models import load_model
 
     device = resolve_device(args.device)
     loaded = load_model(args.weights, device)
-    return TorchSegmenter(loaded, device, tta=args.tta), loaded.source
+    return TorchSegmenter(loaded, device, tta=args.tta, reliability=find_reliability_model(args.weights)), loaded.source
 
 
 def _onnxruntime_segmenter(args):
