@@ -116,8 +116,15 @@ class ExportReport:
 
 
 def model_metadata(loaded: LoadedModel, threshold: Optional[float] = None, **extra: str) -> dict[str, str]:
-    """What a runtime needs to feed the model and read its output, as string key/value pairs."""
+    """What a runtime needs to feed the model and read its output, as string key/value pairs; with
+    ``reliability`` (the reliability model shipped beside the weights, as JSON) when there is one,
+    so that the one exported file carries it (``scsonet.onnx_runtime`` validates it on loading)."""
+    from .inference import find_reliability_model
+
     preset = loaded.preset
+    reliability = find_reliability_model(loaded.source)
+    if reliability is not None:
+        extra = {"reliability": json.dumps(reliability.to_dict(), separators=(",", ":")), **extra}
     return {
         "arch": loaded.name,
         "weights": loaded.source,

@@ -8,7 +8,9 @@
 The preprocessing (resize size, mean, std, threshold) travels in the model's ONNX metadata,
 written by ``scsonet export``; ``OrtSegmenter`` implements the ``Segmenter`` protocol of
 ``scsonet.inference``, so ``scsonet predict --backend onnxruntime`` runs the same pipeline
-(resizing, thresholding, masks, overlays, results) as the PyTorch backend.
+(resizing, thresholding, two-pass, masks, overlays, results) as the PyTorch backend. An export
+of weights that ship a reliability model carries it in the metadata too (key ``reliability``):
+``OrtSegmenter.reliability`` gives each image's reliability score and review flag.
 """
 from __future__ import annotations
 
@@ -24,9 +26,10 @@ import onnxruntime as ort
 from ._checks import check_preprocessing
 from .errors import ScsonetError
 from .imageio import ImageLike, to_rgb_array
+from .reliability import ReliabilityModel
 
-__all__ = ["INPUT_NAME", "OUTPUT_NAME", "ModelInfo", "OrtSegmenter", "make_session", "read_metadata", "session_options",
-           "sigmoid"]
+__all__ = ["INPUT_NAME", "OUTPUT_NAME", "ModelInfo", "OrtSegmenter", "make_session", "read_metadata",
+           "reliability_from_metadata", "session_options", "sigmoid"]
 
 INPUT_NAME = "image"
 OUTPUT_NAME = "logits"
@@ -36,6 +39,7 @@ TTA_FLIPS: tuple[tuple[int, ...], ...] = ((), (3,), (2,), (2, 3))
 # Metadata keys that ``OrtSegmenter`` needs; ``scsonet export`` writes these and a few more.
 REQUIRED_METADATA = ("resize_size", "mean", "std", "threshold")
 MAX_SESSIONS = 4  # sessions an OrtSegmenter keeps, one per batch size seen
+RELIABILITY_METADATA = "reliability"  # the reliability model's JSON (``ReliabilityModel.to_dict``), if any
 
 
 @dataclass(frozen=True)
@@ -65,6 +69,18 @@ class ModelInfo:
         pre = check_preprocessing(pre, source)  # before any session or buffer is sized by it
         return cls(tuple(pre["resize_size"]), tuple(pre["mean"]), tuple(pre["std"]), pre["threshold"],
                    metadata.get("arch", "?"), metadata.get("weights", "?"))
+
+
+def reliability_from_metadata(metadata: dict[str, str], source: str) -> Optional[ReliabilityModel]:
+    """The reliability model embedded by ``scsonet export``, validated; None if there is none."""
+    text = metadata.get(RELIABILITY_METADATA)
+    if text is None:
+        return None
+    try:
+        data = json.loads(text)
+    except ValueError as err:
+        raise ScsonetError(f"malformed reliability model in the ONNX metadata ({source}: {err})") from None
+    return ReliabilityModel.from_dict(data, f"{source}: ONNX metadata {RELIABILITY_METADATA!r}")
 
 
 def session_options(threads: Optional[int] = None, fixed_size: Optional[Sequence[int]] = None,
@@ -142,6 +158,7 @@ class OrtSegmenter:
         self.path = Path(path)
         self.metadata = read_metadata(self.path)
         self.info = ModelInfo.from_metadata(self.metadata, str(self.path))
+        self.reliability = reliability_from_metadata(self.metadata, str(self.path))
         self.input_size: tuple[int, int] = tuple(self.info.resize_size)
         self.threshold = self.info.threshold
         self.tta = tta
