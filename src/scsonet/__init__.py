@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 
+# The one version source: pyproject.toml reads it (statically, without importing scsonet).
 __version__ = "0.1.0"
 
 _LAZY = {
@@ -25,5 +26,11 @@ __all__ = [*_LAZY, "__version__"]
 
 def __getattr__(name: str):
     if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value  # later look-ups skip this hook
+        return value
     raise AttributeError(f"module 'scsonet' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})

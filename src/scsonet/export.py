@@ -80,10 +80,38 @@ class CheckResult:
         float32 computation, and the masks agree on at least ``MIN_MASK_AGREEMENT`` of the pixels."""
         return self.error <= max(tolerance, self.torch_fp32_error) and self.mask_agreement >= MIN_MASK_AGREEMENT
 
-    def line(self) -> str:
-        return (f"{self.name:<26} {'x'.join(map(str, self.shape)):<12} max |diff| to torch float32 "
-                f"{self.max_abs_diff:.1e}, float64 {self.max_abs_diff_fp64:.1e} (torch float32 itself "
-                f"{self.torch_fp32_error:.1e}); masks agree {100 * self.mask_agreement:.4f} %")
+    def verdict(self, tolerance: float, exact: bool = True) -> str:
+        """Why the row passes (or not), in words: which of ``passes``' two allowances it uses."""
+        if not exact:
+            return "measured (int8 is approximate; not gated)"
+        if not self.passes(tolerance):
+            return "FAIL"
+        if self.error <= tolerance:
+            return f"pass: within {tolerance:.0e}"
+        return "pass: as close to float64 as torch float32"
+
+    def line(self, tolerance: float = TOLERANCE, exact: bool = True) -> str:
+        return (f"{self.name:<26} {'x'.join(map(str, self.shape)):<12} {self.max_abs_diff:>9.1e} "
+                f"{self.max_abs_diff_fp64:>9.1e} {self.torch_fp32_error:>10.1e} "
+                f"{100 * self.mask_agreement:>9.4f} %  {self.verdict(tolerance, exact)}")
+
+
+def check_table(checks: Sequence[CheckResult], tolerance: float = TOLERANCE, exact: bool = True) -> str:
+    """The export check as a table with a header saying what each column compares and a note
+    saying when a row passes (a difference above the tolerance can pass; see ``_gate``)."""
+    head = f"{'check':<26} {'input':<12} {'vs f32':>9} {'vs f64':>9} {'f32 vs f64':>10} {'masks':>11}  verdict"
+    note = ["vs f32, vs f64: largest |logit difference| of the export to eager PyTorch in float32, in",
+            "  float64 (the exact result); f32 vs f64: PyTorch float32's own difference to float64;",
+            "  masks: pixels on the same side of the threshold as PyTorch float32."]
+    if exact:
+        own = max((c.torch_fp32_error for c in checks), default=0.0)
+        note += [f"A row passes when the export is within --tolerance ({tolerance:.0e}) of either PyTorch, or",
+                 "  no further from float64 than PyTorch float32 is (near the SRU gate's step at 0.5, float32",
+                 f"  rounding alone moves logits, here by up to {own:.1e}), and its masks agree on at least",
+                 f"  {100 * MIN_MASK_AGREEMENT:.2f} % of pixels."]
+    else:
+        note += ["An int8 model is approximate: the rows measure it, they do not gate the export."]
+    return "\n".join([head, *(c.line(tolerance, exact) for c in checks), *note])
 
 
 @dataclass

@@ -13,26 +13,52 @@ from pathlib import Path
 from typing import Sequence, Union
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from .errors import ScsonetError
 
 __all__ = ["IMAGE_SUFFIXES", "ImageLike", "InputError", "expand_inputs", "read_image", "to_rgb_array"]
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
-# Pillow's names for those formats; MPO is the JPEG variant some cameras write.
-_PIL_FORMATS = ("JPEG", "MPO", "PNG", "BMP", "TIFF")
-_KINDS = "JPEG/PNG/BMP/TIFF"
+
+def _register_optional_plugins() -> None:
+    """HEIC/HEIF (phone photos) through the optional pillow-heif plugin (``pip install scsonet[heic]``)."""
+    try:
+        from pillow_heif import register_heif_opener
+    except ImportError:
+        return
+    register_heif_opener()
+
+
+def _decodable_formats() -> frozenset:
+    """Pillow formats (with plugins) that decode pixels: stubs (WMF/EMF, GRIB, BUFR, HDF5 need an
+    external handler) and MPEG (identified, never decoded) are left out."""
+    Image.init()
+    def stub(factory) -> bool:
+        return isinstance(factory, type) and issubclass(factory, ImageFile.StubImageFile)
+
+    return frozenset(fmt for fmt, (factory, _) in Image.OPEN.items() if fmt != "MPEG" and not stub(factory))
+
+
+_register_optional_plugins()
+# MPO is the JPEG variant some cameras write (Pillow opens it from .jpg without a suffix of its own).
+_PIL_FORMATS = _decodable_formats() | {"MPO"}
+# Every suffix Pillow maps to a decodable format; folders and globs select images by it.
+IMAGE_SUFFIXES = tuple(sorted(ext for ext, fmt in Image.registered_extensions().items() if fmt in _PIL_FORMATS))
+_KINDS = "image Pillow reads (JPEG, PNG, WebP, GIF, TIFF, BMP, ...)"
+_KINDS_PLURAL = "images Pillow reads (JPEG, PNG, WebP, GIF, TIFF, BMP, ...)"
 
 ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray]
 
 
 @dataclass(frozen=True)
 class InputError:
-    """An input that yields no image: ``source`` is the path or pattern as given."""
+    """An input that yields no image: ``source`` is the path or pattern as given, or the file a
+    folder or pattern held that is not an image."""
 
     source: str
     message: str
+    # True for a file in a folder (or matched by a pattern) passed over as not an image.
+    skipped: bool = False
 
 
 def _scale_to_uint8(values: np.ndarray, full_scale: float) -> np.ndarray:
@@ -67,6 +93,9 @@ def _too_many_pixels(path: Path, err: Exception) -> ScsonetError:
 def read_image(path: str | os.PathLike) -> np.ndarray:
     """Decode ``path`` fully, apply its EXIF orientation and return (H, W, 3) uint8 RGB.
 
+    Any format Pillow decodes (HEIC/HEIF too when pillow-heif is installed); of an animation or
+    a multi-page file (GIF, WebP, APNG, TIFF), the first frame.
+
     Images over Pillow's ``Image.MAX_IMAGE_PIXELS`` (89.5 megapixels by default, 3 x a 30 MP
     dermoscope photo) are refused before they are decoded: at that size Pillow only warns, but
     decoding and segmenting one takes gigabytes, and a tiny file can claim any size.
@@ -86,12 +115,12 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         with img:
             size = img.size
             if img.format not in _PIL_FORMATS:
-                raise ScsonetError(f"{path}: {img.format} images are not supported ({_KINDS})")
+                raise ScsonetError(f"{path}: {img.format} files hold no pixels Pillow can decode here")
             img.load()  # decode now: a truncated file fails here, not later
             img = ImageOps.exif_transpose(img)
             rgb = _pil_to_rgb(img)
     except UnidentifiedImageError:
-        raise ScsonetError(f"{path}: not a {_KINDS} image (cannot identify the file's format)") from None
+        raise ScsonetError(f"{path}: not an {_KINDS} (cannot identify the file's format)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise _too_many_pixels(path, err) from None
     except MemoryError:
@@ -141,28 +170,54 @@ def _is_image_file(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
 
 
+def _hint(suffix: str) -> str:
+    return "; pip install 'scsonet[heic]' to read them" if suffix.lower() in (".heic", ".heif") else ""
+
+
+def _not_an_image(path: Path, given_as: str) -> InputError:
+    kind = f"{path.suffix!r} files" if path.suffix else "files without a suffix"
+    return InputError(str(path), f"{path}: skipped{given_as}: {kind} are not {_KINDS_PLURAL}{_hint(path.suffix)}",
+                      skipped=True)
+
+
+def _select(candidates, given_as: str, errors: list[InputError]) -> list[Path]:
+    """Images of ``candidates``, sorted; each other file is named in ``errors`` (subfolders are
+    not searched, and not reported)."""
+    found = []
+    for p in sorted(candidates):
+        if _is_image_file(p):
+            found.append(p)
+        elif p.is_file():
+            errors.append(_not_an_image(p, given_as))
+    return found
+
+
 def expand_inputs(inputs: Sequence[str | os.PathLike]) -> tuple[list[Path], list[InputError]]:
     """Files, folders (their images, not recursive) and glob patterns -> image paths, in the
-    given order, each once; plus one error per input that yields no image."""
+    given order, each once; plus one error per input that yields no image and one per file
+    in a folder or matched by a pattern that is not an image (``skipped=True``), each once.
+
+    An image is a file whose suffix Pillow (with its optional plugins) maps to a format it
+    decodes: ``IMAGE_SUFFIXES``."""
     paths: list[Path] = []
     errors: list[InputError] = []
     for item in inputs:
         source = os.fspath(item)
         path = Path(source)
         if path.is_dir():
-            found = sorted(p for p in path.iterdir() if _is_image_file(p))
+            found = _select(path.iterdir(), f" in folder {source}", errors)
             if not found:
-                errors.append(InputError(source, f"{source}: folder has no {_KINDS} images"))
+                errors.append(InputError(source, f"{source}: folder has no {_KINDS_PLURAL}"))
         elif path.is_file():
             found = [path]
             if path.suffix.lower() not in IMAGE_SUFFIXES:
                 errors.append(InputError(source, f"{source}: unsupported file type {path.suffix or '(none)'!r} "
-                                                 f"(expected {', '.join(IMAGE_SUFFIXES)})"))
+                                                 f"(expected an {_KINDS}{_hint(path.suffix)})"))
                 found = []
         elif any(c in source for c in "*?["):
-            found = sorted(p for p in map(Path, glob.glob(source, recursive=True)) if _is_image_file(p))
+            found = _select(map(Path, glob.glob(source, recursive=True)), f" (matched by {source})", errors)
             if not found:
-                errors.append(InputError(source, f"{source}: pattern matches no {_KINDS} images"))
+                errors.append(InputError(source, f"{source}: pattern matches no {_KINDS_PLURAL}"))
         else:
             found = []
             errors.append(InputError(source, f"{source}: no such file or folder"))
@@ -170,4 +225,7 @@ def expand_inputs(inputs: Sequence[str | os.PathLike]) -> tuple[list[Path], list
     unique: dict[Path, Path] = {}
     for p in paths:
         unique.setdefault(p.resolve(), p)  # the same file named twice is done once
-    return list(unique.values()), errors
+    reported: dict[str, InputError] = {}
+    for err in errors:
+        reported.setdefault(err.source, err)  # and a bad one is reported once
+    return list(unique.values()), list(reported.values())

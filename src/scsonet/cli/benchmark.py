@@ -29,7 +29,9 @@ def register(subparsers) -> None:
         "benchmark", help="train and test models over seeds; write the comparison table and figure",
         description="Train and test every model with every seed (resuming what is already done), then write "
                     "OUT/table.md, OUT/table.csv (the paper's Table 1 columns, mean ± std over seeds) and "
-                    "OUT/dsc_vs_macs.png.")
+                    "OUT/dsc_vs_macs.png. With --study SPEC, run a study of record instead: train what its "
+                    "committed records lack (Table 1 first, seed by seed) and rebuild its tables, paired "
+                    "bootstrap verdicts and summary from those records (--no-train: rebuild only).")
     p.add_argument("--study", default=None, metavar="SPEC",
                    help="run a study of record from its YAML spec (configs/study/isic2017.yaml): train what is "
                         "missing, Table 1 first, then write its tables; --data, --models, --seeds, --out and the "

@@ -5,7 +5,10 @@ import json
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("complexity", help="parameters and multiply-accumulates of a model")
+    p = subparsers.add_parser("complexity", help="parameters and multiply-accumulates of a model",
+                              description="Count one model's parameters and multiply-accumulates exactly, at "
+                                          "a square input of --size, beside the paper's convention (thop's "
+                                          "counts, in units of 1024^2 and 1024^3) and its printed figures.")
     p.add_argument("--model", default="scsonet", help="registered model name (scsonet)")
     p.add_argument("--size", type=int, default=256, help="square input side (256)")
     p.add_argument("--json", action="store_true", help="print JSON")

@@ -17,8 +17,8 @@ from pathlib import Path
 def register(subparsers) -> None:
     p = subparsers.add_parser("evaluate", help="metrics of weights on a prepared split or a labelled folder",
                               description="Evaluate weights on a prepared split (--data) or on a labelled folder "
-                                          "(--images with --masks, paired by stem as `data prepare --dataset "
-                                          "folder` pairs them, scored at each mask's own size): the paper's five "
+                                          "(--images with --masks, paired by stem as `scsonet data prepare "
+                                          "--dataset folder` pairs them, scored at each mask's own size): the paper's five "
                                           "pooled metrics, per-image Dice/IoU mean and std, and HD95 in pixels.")
     p.add_argument("--weights", required=True, help="pretrained name (scsonet-isic2017), .pt checkpoint or .safetensors")
     p.add_argument("--data", type=Path, default=None, help="prepared dataset directory (scsonet data prepare)")

@@ -15,7 +15,7 @@ def register(subparsers) -> None:
         description="Export weights to ONNX (dynamic batch, height and width; preprocessing in the model's "
                     "metadata) or TorchScript. The exported model is compared with PyTorch (float32 and float64) "
                     "on random and real images; unless it is within --tolerance of PyTorch or no further from "
-                    "the float64 result than PyTorch float32 is, and its masks agree on 99.99 %% of pixels, "
+                    "the float64 result than PyTorch float32 is, and its masks agree on 99.99 % of pixels, "
                     "nothing is written.")
     p.add_argument("--weights", default="scsonet-isic2017",
                    help="pretrained name, training checkpoint (.pt) or .safetensors with its card (scsonet-isic2017)")
@@ -37,7 +37,7 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from ..export import default_check_images, export_model
+    from ..export import check_table, default_check_images, export_model
 
     if not (math.isfinite(args.tolerance) and args.tolerance > 0):
         raise ScsonetError(f"--tolerance {args.tolerance}: expected a finite number > 0")
@@ -52,8 +52,8 @@ def run(args) -> int:
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
         return 0
-    for check in report.checks:
-        print(check.line())
+    if report.checks:
+        print(check_table(report.checks, args.tolerance, report.exact))
     if not report.checks:
         verdict = "not checked"
     elif not report.exact:

@@ -5,6 +5,7 @@ import argparse
 import importlib
 import sys
 
+from .. import __version__
 from ..errors import ScsonetError
 
 # Each module defines ``register(subparsers)``, which adds its parser and sets ``func``.
@@ -13,6 +14,7 @@ SUBCOMMAND_MODULES = ["models", "complexity", "evaluate", "predict", "data", "tr
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scsonet", description="SCSONet skin-lesion segmentation")
+    parser.add_argument("--version", action="version", version=f"scsonet {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in SUBCOMMAND_MODULES:
         importlib.import_module(f"scsonet.cli.{name}").register(subparsers)

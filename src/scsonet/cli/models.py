@@ -5,7 +5,10 @@ import json
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("models", help="list registered models")
+    p = subparsers.add_parser("models", help="list registered models",
+                              description="List the names create_model and --model accept (SCSONet and the "
+                                          "paper's baselines); with --complexity, a table of their exact "
+                                          "parameters and MACs beside the paper's printed figures.")
     p.add_argument("--filter", default="", help="fnmatch pattern, e.g. 'scsonet*'")
     p.add_argument("--complexity", action="store_true", help="also count parameters and MACs")
     p.add_argument("--size", type=int, default=256, help="square input side for --complexity (256)")

@@ -5,7 +5,12 @@ from pathlib import Path
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("train", help="train a model on a prepared dataset")
+    p = subparsers.add_parser("train", help="train a model on a prepared dataset",
+                              description="Train a registered model on a prepared dataset (scsonet data "
+                                          "prepare) with the paper's recipe, or a YAML config and --set "
+                                          "overrides. Writes a run folder: config.yaml, log.csv, best.pt (the "
+                                          "checkpoint chosen on val, or on test with --protocol paper), last.pt "
+                                          "(for --resume) and, at the end, test/report.json of best.pt.")
     p.add_argument("--config", help="YAML config (defaults: the paper's recipe, honest protocol)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config key; repeatable (e.g. --set epochs=3 --set protocol=paper)")

@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 import json
+import textwrap
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("weights", help="pack or show pretrained weights and their model card")
     sub = p.add_subparsers(dest="weights_command", metavar="ACTION", required=True)
-    pack = sub.add_parser("pack", help="checkpoint -> .safetensors + card, evaluated on the test split")
+    pack = sub.add_parser("pack", help="checkpoint -> .safetensors + card, evaluated on the test split",
+                          description="Pack a training checkpoint (or the best by val DSC of several runs) into "
+                                      "shipped weights: OUT (.safetensors) and its model card OUT.json, with the "
+                                      "test split of --data evaluated into the card's metrics.")
     source = pack.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="training checkpoint (best.pt)")
     source.add_argument("--best-of", nargs="+", metavar="RUN_DIR",
@@ -19,9 +23,14 @@ def register(subparsers) -> None:
     pack.add_argument("--trained-at-commit", help="commit of the code that trained the checkpoint")
     pack.add_argument("--docs", default="", help="one paragraph: split, seed, epochs, anything unusual")
     pack.set_defaults(func=run_pack)
-    show = sub.add_parser("show", help="print a pretrained model card")
+    show = sub.add_parser("show", help="print a pretrained model card",
+                          description="Print a pretrained model card as a short summary: architecture, "
+                                      "parameters, preprocessing, protocol, test metrics and how the weights "
+                                      "were made. --json prints the whole card, --markdown only the metrics.")
     show.add_argument("name", nargs="?", default="scsonet-isic2017", help="pretrained name (scsonet-isic2017)")
-    show.add_argument("--markdown", action="store_true", help="only the metrics as a Markdown table")
+    form = show.add_mutually_exclusive_group()
+    form.add_argument("--markdown", action="store_true", help="only the metrics as a Markdown table")
+    form.add_argument("--json", action="store_true", help="the raw card as JSON")
     show.set_defaults(func=run_show)
 
 
@@ -48,6 +57,47 @@ def run_show(args) -> int:
 
     if args.name not in PRETRAINED:
         raise ScsonetError(f"pretrained weights {args.name!r} are not installed; choose from {PRETRAINED.choices()}")
-    card = load_card(PRETRAINED[args.name].value.card_path)
-    print(card_markdown(card) if args.markdown else json.dumps(card, indent=2))
+    weights = PRETRAINED[args.name]
+    card = load_card(weights.value.card_path)
+    if args.json:
+        print(json.dumps(card, indent=2))
+    else:
+        print(card_markdown(card) if args.markdown else readable_card(args.name, card, weights.path))
     return 0
+
+
+def _floats(values) -> str:
+    return "(" + ", ".join(f"{v:.3f}" for v in values) + ")"
+
+
+def readable_card(name: str, card: dict, path) -> str:
+    """A card as a person reads it: what the model is, what it expects, how it was made and
+    tested; the raw keys stay in ``--json``."""
+    from ..publish import card_markdown
+
+    pre = card.get("preprocessing", {})
+    recipe = card.get("recipe", {})
+    size = "x".join(map(str, pre.get("resize_size", card.get("input_size", [0, 0, 0])[1:])))
+    macs = f", {card['_ops_macs'] / 1e6:.1f} M multiply-accumulates at {size}" if "_ops_macs" in card else ""
+    made = [f"protocol {card.get('protocol', recipe.get('protocol', '?'))}"]
+    if recipe.get("selected_on"):
+        made.append(f"checkpoint selected on {recipe['selected_on']} (epoch {recipe.get('best_epoch', '?')})")
+    if recipe.get("trained_at_commit"):
+        made.append(f"trained at commit {recipe['trained_at_commit']}")
+    rows = [("architecture", f"{card['arch']}, {card.get('num_params', 0):,} parameters{macs}"),
+            ("file", f"{path} ({card.get('_file_size_mb', '?')} MB)"),
+            ("input", f"RGB resized to {size} ({card.get('interpolation', 'bilinear')}), normalised by "
+                      f"mean {_floats(pre.get('mean', card.get('mean', [])))} and std "
+                      f"{_floats(pre.get('std', card.get('std', [])))}"),
+            ("output", f"lesion probability per pixel, mask at threshold {card.get('threshold', 0.5)}"),
+            ("made", "; ".join(made)),
+            ("license", card.get("license", "?"))]
+    width = max(len(label) for label, _ in rows)
+    lines = [f"{name}", ""] + [f"  {label:<{width}}  {text}" for label, text in rows]
+    metrics = card.get("_metrics_text") or card_markdown(card)
+    lines += ["", "Test metrics:", *("  " + line if line else "" for line in metrics.splitlines())]
+    if card.get("_docs"):
+        lines += ["", "How these weights were made:", textwrap.fill(card["_docs"], 100, initial_indent="  ",
+                                                                     subsequent_indent="  ")]
+    lines += ["", f"The whole card: scsonet weights show {name} --json"]
+    return "\n".join(lines)
