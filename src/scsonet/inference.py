@@ -243,7 +243,8 @@ def _write_outputs(paths: dict[str, Path], rgb: np.ndarray, probs: np.ndarray, m
     with atomic_path(paths["mask"]) as tmp:
         Image.fromarray(mask.astype(np.uint8) * 255).save(tmp, format="PNG")
     with atomic_path(paths["overlay"]) as tmp:
-        draw_overlay(rgb, mask, bool(verdict["review"]), verdict["reliability"]).save(tmp, format="PNG", compress_level=1)  # 3x faster than 6, 40% larger
+        overlay = draw_overlay(rgb, mask, bool(verdict["review"]), verdict["reliability"])
+        overlay.save(tmp, format="PNG", compress_level=1)  # 3x faster than 6, 40% larger
 
 
 def _error_row(file: str, message: str) -> dict[str, Any]:
