@@ -138,6 +138,16 @@ def test_resume_from_a_checkpoint_without_optimizer_state(files, tmp_path, capsy
     assert "last.pt: not a scsonet checkpoint (it lacks optimizer, history)" in one_error_line(capsys, "train")
 
 
+def test_resume_from_another_models_last_pt(files, tmp_path, capsys):
+    torch.manual_seed(0)
+    other = {**files["state"], "model": create_model("egeunet").state_dict(), "optimizer": {"state": {}, "param_groups": []},
+             "history": []}
+    torch.save(other, tmp_path / "other.pt")
+    run = _resume_dir(files, tmp_path, tmp_path / "other.pt")
+    assert main(["train", "--resume", str(run)]) == 2
+    assert "last.pt: the weights do not fit scsonet" in one_error_line(capsys, "train")
+
+
 def _checkpoint_with(files, tmp_path, **changes) -> pathlib.Path:
     ckpt = {**files["state"], **changes}
     path = tmp_path / "changed.pt"

@@ -35,12 +35,13 @@ import yaml
 from ._device import resolve_device
 from ._io import torch_save_atomic, write_json_atomic, write_text_atomic
 from .data.robust_augment import check_robust_config
+from ._checks import one_line
 from .errors import ScsonetError
 from .evaluation import evaluate, write_report
 from .fast import optimizer_options, prepare_for_training
 from .losses import BceDiceLoss
 from .models import create_model
-from .models._loading import PRETRAINED, build_model, read_checkpoint
+from .models._loading import PRETRAINED, build_model, load_state, read_checkpoint
 from .models.egeunet import deep_supervision_loss
 from .parallel import ModelLoss, SplitBatchStep, cpu_budget
 
@@ -343,6 +344,7 @@ class _GraphedStep:
 
 def train(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> Path:
     """Train as ``cfg`` says (or continue ``resume``); returns the run directory."""
+    check_config(cfg)  # also for a TrainConfig built in Python, not only one from load_config
     from .data import PreparedData, SplitArrays
     from .data.loader import TrainLoader
 
@@ -399,8 +401,12 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> Path:
                                   capturable=use_graph, **optimizer_kwargs)
     start_epoch, best_dsc, history = 0, -1.0, []
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        last = run_dir / "last.pt"
+        load_state(model, ckpt["model"], cfg.model, str(last))
+        try:
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except (ValueError, KeyError, TypeError) as err:  # another model's or optimiser's state
+            raise ScsonetError(f"{last}: its optimiser state does not fit {cfg.model} ({one_line(err)})") from None
         start_epoch, best_dsc, history = ckpt["epoch"] + 1, ckpt["best_val_dsc"], ckpt["history"]
     raw_model = model
     if world_size > 1:

@@ -100,7 +100,7 @@ def build_model(name: Any, model_args: Any, where: str, name_key: str = "model",
         raise ScsonetError(f"{where} {args_key}={show(model_args)}: {why}") from None
 
 
-def _load_state(model: nn.Module, state: Any, name: str, source: str) -> None:
+def load_state(model: nn.Module, state: Any, name: str, source: str) -> None:
     """Strict ``load_state_dict`` with one-line errors; NaN or infinite weights are refused too."""
     if not (isinstance(state, dict) and all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items())):
         raise ScsonetError(f"{source}: the weights are not a mapping of parameter names to tensors")
@@ -147,7 +147,7 @@ def _from_card(weights_path: Path, card: dict[str, Any], source: str) -> LoadedM
     except Exception as err:  # safetensors' own error type: bad header, truncated data, not safetensors
         raise ScsonetError(f"{weights_path}: not a readable safetensors file, truncated or corrupt "
                            f"({one_line(err)})") from None
-    _load_state(model, state, card["arch"], str(weights_path))
+    load_state(model, state, card["arch"], str(weights_path))
     return LoadedModel(model.eval(), _preset(pre), card["arch"], source, card)
 
 
@@ -166,7 +166,7 @@ def checkpoint_model(ckpt: dict[str, Any], source: str) -> LoadedModel:
         raise ScsonetError(f"{source}: not a scsonet checkpoint (it lacks {', '.join(missing)})")
     pre = check_preprocessing(ckpt["preprocessing"], source)
     model = build_model(ckpt["model_name"], ckpt.get("model_args", {}), f"{source}:", "model_name")
-    _load_state(model, ckpt["model"], ckpt["model_name"], source)
+    load_state(model, ckpt["model"], ckpt["model_name"], source)
     meta = {k: ckpt[k] for k in _META_CHECKS if k in ckpt}
     for key, value in meta.items():
         ok, expected = _META_CHECKS[key]
