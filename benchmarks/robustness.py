@@ -5,7 +5,8 @@
 
 Each shift of ``scsonet.shifts.STANDARD_SHIFTS`` (or those named by ``--shifts``) is applied to
 every image of the split, seeded per image (``--seed``), and every image goes through
-``scsonet predict``'s path: ``predict_probabilities`` with a ``TorchSegmenter``, then
+``scsonet predict``'s path: ``scsonet.inference.predict_batch`` with a ``TorchSegmenter``,
+two-pass by default as in ``scsonet predict`` (``--no-two-pass``: one pass), then
 ``probability >= --threshold``. Per shift and weights: pooled DSC, mean per-image Dice and the
 failure rate (share of images with Dice < 0.5); the unshifted split is also cut into the
 lesion-size bands of ``scsonet.shifts.SIZE_BANDS``. Several ``--weights`` share one table and
@@ -15,7 +16,7 @@ Writes OUT (Markdown), OUT with .json (settings, every figure, and per image and
 TP, FP and FN, for fitting a reliability score) and with .csv (one row per weights and row).
 
 Predictor hook: ``--predictor MODULE:FACTORY`` (or ``path/to/file.py:FACTORY``) replaces the
-default ``torch_predictor``: ``FACTORY(weights, device, tta)`` returns a callable that maps a
+default ``torch_predictor`` (``--no-two-pass`` does not reach it): ``FACTORY(weights, device, tta)`` returns a callable that maps a
 list of RGB uint8 images (H, W, 3) to a list of float probability maps (H, W), one per image at
 its size. Two-pass prediction, TTA or ensembles are measured by passing such a factory;
 ``run_benchmark`` takes the callables directly.
@@ -42,7 +43,7 @@ from scsonet._device import resolve_device
 from scsonet._io import write_json_atomic, write_text_atomic
 from scsonet.data import PreparedData
 from scsonet.errors import ScsonetError
-from scsonet.inference import TorchSegmenter, predict_probabilities
+from scsonet.inference import TorchSegmenter, predict_batch
 from scsonet.metrics import ConfusionStats, get_stats, per_image_scores, pooled_metrics
 from scsonet.models import load_model
 from scsonet.shifts import SIZE_BANDS, Shift, get_shifts, lesion_fraction, shifted_pairs, size_band
@@ -51,10 +52,25 @@ Predictor = Callable[[list[np.ndarray]], list[np.ndarray]]
 FAILURE_DICE = 0.5
 
 
-def torch_predictor(weights: str, device: str = "cpu", tta: bool = False) -> Predictor:
-    """``scsonet predict``'s path: a ``TorchSegmenter`` of ``weights`` behind ``predict_probabilities``."""
+def torch_predictor(weights: str, device: str = "cpu", tta: bool = False, *, two_pass: bool = True,
+                    threshold: float = 0.5) -> Predictor:
+    """``scsonet predict``'s path: a ``TorchSegmenter`` of ``weights`` behind ``predict_batch``,
+    two-pass by default as in ``scsonet predict`` (``threshold`` finds pass 1's lesion)."""
     resolved = resolve_device(device)
-    return partial(predict_probabilities, segmenter=TorchSegmenter(load_model(weights, resolved), resolved, tta))
+    segmenter = TorchSegmenter(load_model(weights, resolved), resolved, tta)
+
+    def predict(images: list[np.ndarray]) -> list[np.ndarray]:
+        return [probs for probs, _ in predict_batch(images, segmenter, threshold, two_pass)]
+    return predict
+
+
+def load_split(data: Path, split: str, limit: int | None = None) -> tuple[list[np.ndarray], list[np.ndarray], list[str]]:
+    """A prepared split as lists: RGB uint8 images (H, W, 3), bool-valued masks (H, W) and ids,
+    only the first ``limit`` images if given."""
+    arrays = PreparedData(data).load(split)
+    stop = limit or len(arrays.ids)
+    return (list(arrays.images[:stop].permute(0, 2, 3, 1).numpy()), list(arrays.masks[:stop, 0].numpy()),
+            list(arrays.ids[:stop]))
 
 
 def load_factory(spec: str) -> Callable[..., Predictor]:
@@ -227,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="seed of the shifts' draws (0)")
     p.add_argument("--threshold", type=float, default=0.5, help="probability at or above which a pixel is lesion (0.5)")
     p.add_argument("--tta", action="store_true", help="flip TTA in the default predictor")
+    p.add_argument("--no-two-pass", dest="two_pass", action="store_false",
+                   help="one pass in the default predictor (default: two-pass, as scsonet predict)")
     p.add_argument("--predictor", default=None, help="MODULE:FACTORY or FILE.py:FACTORY (the scsonet predict path)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (auto)")
     p.add_argument("--batch-size", type=int, default=32, help="images per prediction call (32)")
@@ -234,11 +252,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit", type=int, default=None, help="only the first N images of the split (all)")
     p.add_argument("--render", action="store_true",
                    help="only rewrite OUT and its .csv from its saved .json (after a change of format; no predictions)")
-    args = p.parse_args(argv)
+    return run_script("robustness.py", _run, p.parse_args(argv), argv)
+
+
+def run_script(name: str, run: Callable[[argparse.Namespace, list[str] | None], int],
+               args: argparse.Namespace, argv: list[str] | None) -> int:
+    """``run(args, argv)``; a ``ScsonetError`` becomes one line ``NAME: error: ...`` and status 2."""
     try:
-        return _run(args, argv)
+        return run(args, argv)
     except ScsonetError as err:
-        print(f"robustness.py: error: {err}", file=sys.stderr)
+        print(f"{name}: error: {err}", file=sys.stderr)
         return 2
 
 
@@ -266,12 +289,9 @@ def _run(args, argv: list[str] | None) -> int:
         shifts = get_shifts(args.shifts.split(",") if args.shifts else None)
     except KeyError as err:
         raise ScsonetError(f"--shifts: {err.args[0]}") from None
-    arrays = PreparedData(args.data).load(args.split)
-    stop = args.limit or len(arrays.ids)
-    images = list(arrays.images[:stop].permute(0, 2, 3, 1).numpy())
-    masks = list(arrays.masks[:stop, 0].numpy())
-    ids = list(arrays.ids[:stop])
-    factory = load_factory(args.predictor) if args.predictor else torch_predictor
+    images, masks, ids = load_split(args.data, args.split, args.limit)
+    factory = load_factory(args.predictor) if args.predictor else \
+        partial(torch_predictor, two_pass=args.two_pass, threshold=args.threshold)
     predictors = {label: factory(spec, args.device, args.tta) for label, spec in weights.items()}
     result = run_benchmark(predictors, images, masks, ids, shifts, seed=args.seed, threshold=args.threshold,
                            batch_size=args.batch_size, log=lambda m: print(m, flush=True))
@@ -280,7 +300,9 @@ def _run(args, argv: list[str] | None) -> int:
         "command": shlex.join([".venv/bin/python", "benchmarks/robustness.py", *argv]),
         "data": str(args.data), "split": args.split, "n_images": len(ids), "seed": args.seed,
         "threshold": args.threshold, "tta": args.tta,
-        "predictor": args.predictor or "scsonet predict's path (predict_probabilities, TorchSegmenter)",
+        "two_pass": None if args.predictor else args.two_pass,  # a --predictor decides for itself
+        "predictor": args.predictor or f"scsonet predict's path (predict_batch, TorchSegmenter, "
+                                       f"{'two-pass' if args.two_pass else 'one pass'})",
         "weights": weights,
         "machine": f"{torch.get_num_threads()} CPU thread(s)" if resolve_device(args.device).type == "cpu"
         else str(resolve_device(args.device)),

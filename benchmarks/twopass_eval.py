@@ -31,11 +31,10 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from robustness import FAILURE_DICE, run_benchmark, summarize  # noqa: E402
+from robustness import FAILURE_DICE, load_split, run_benchmark, run_script, summarize  # noqa: E402
 
 from scsonet._device import resolve_device  # noqa: E402
 from scsonet._io import write_json_atomic, write_text_atomic  # noqa: E402
-from scsonet.data import PreparedData  # noqa: E402
 from scsonet.errors import ScsonetError  # noqa: E402
 from scsonet.inference import TorchSegmenter  # noqa: E402
 from scsonet.models import load_model  # noqa: E402
@@ -193,12 +192,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="torch, or onnx: ONNX Runtime on the weights exported to a temporary file (torch)")
     p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--limit", type=int, default=None, help="only the first N images (all)")
-    args = p.parse_args(argv)
-    try:
-        return _run(args, argv)
-    except ScsonetError as err:
-        print(f"twopass_eval.py: error: {err}", file=sys.stderr)
-        return 2
+    return run_script("twopass_eval.py", _run, p.parse_args(argv), argv)
 
 
 def _run(args, argv) -> int:
@@ -212,11 +206,7 @@ def _run(args, argv) -> int:
             shifts = [s for s in get_shifts(None) if s.name in ("none", "small_lesions", "zoom_in") or ZOOM_OUT in s.name]
     except KeyError as err:
         raise ScsonetError(f"--shifts: {err.args[0]}") from None
-    arrays = PreparedData(args.data).load(args.split)
-    stop = args.limit or len(arrays.ids)
-    images = list(arrays.images[:stop].permute(0, 2, 3, 1).numpy())
-    masks = list(arrays.masks[:stop, 0].numpy())
-    ids = list(arrays.ids[:stop])
+    images, masks, ids = load_split(args.data, args.split, args.limit)
     device = resolve_device(args.device)
     options = {"context": args.context, "max_crop_share": args.max_crop_share, "outside": args.outside,
                "threshold": args.threshold}

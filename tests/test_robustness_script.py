@@ -94,12 +94,26 @@ def test_default_predictor_is_the_predict_path_and_bad_options_fail_cleanly(prep
     torch.save({"model": create_model("scsonet").state_dict(), "model_name": "scsonet", "model_args": {},
                 "preprocessing": {"resize_size": [32, 32], "mean": [0.5] * 3, "std": [0.5] * 3}}, checkpoint)
     script = _script()
+    calls = []
+    real = script.predict_batch
+
+    def spy(images, segmenter, threshold, two_pass):  # scsonet predict's function, seen on its way
+        calls.append((len(images), threshold, two_pass))
+        return real(images, segmenter, threshold, two_pass)
+
+    script.predict_batch = spy
     out = tmp_path / "v.md"
-    assert script.main(["--weights", str(checkpoint), "--data", str(prepared), "--split", "test", "--out", str(out),
-                        "--shifts", "none,zoom_out_skin_3", "--limit", "4", "--device", "cpu"]) == 0
-    report = json.loads(out.with_suffix(".json").read_text())
-    assert [s["name"] for s in report["shifts"]] == ["none", "zoom_out_skin_3"] and report["n_images"] == 4
-    assert "predict_probabilities" in report["predictor"]
+    base = ["--weights", str(checkpoint), "--data", str(prepared), "--split", "test", "--out", str(out),
+            "--shifts", "none,zoom_out_skin_3", "--limit", "4", "--device", "cpu", "--threshold", "0.4"]
+    for extra, two_pass in (([], True), (["--no-two-pass"], False)):  # two-pass by default, as scsonet predict
+        calls.clear()
+        assert script.main(base + extra) == 0
+        report = json.loads(out.with_suffix(".json").read_text())
+        assert [s["name"] for s in report["shifts"]] == ["none", "zoom_out_skin_3"] and report["n_images"] == 4
+        assert calls == [(4, 0.4, two_pass)] * 2  # the unshifted and the shifted images
+        assert report["two_pass"] is two_pass
+        assert ("two-pass" if two_pass else "one pass") in report["predictor"] and "predict_batch" in report["predictor"]
+        assert ("two-pass" if two_pass else "one pass") in out.read_text()
     capsys.readouterr()
     for extra, needle in ((["--shifts", "nope"], "nope"), (["--predictor", "nomodule"], "--predictor"),
                           (["--out", str(tmp_path / "x.txt")], ".md")):
