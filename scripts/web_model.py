@@ -4,8 +4,10 @@
     .venv/bin/python scripts/web_model.py --check    # exit 1 when missing or stale (what the build runs)
 
 A sidecar, web/model/scsonet.json, records the SHA-256 of the shipped weights, of the parts of the
-model card that the export reads (architecture, model arguments, preprocessing, threshold), and of
-the ONNX file itself; the model is stale when any of them differs.
+model card that the export reads (architecture, model arguments, preprocessing, threshold), of the
+reliability model shipped beside the weights (which the export embeds in the metadata, key
+``reliability``; the page's review mark comes from it), and of the ONNX file itself; the model is
+stale when any of them differs.
 """
 from __future__ import annotations
 
@@ -29,15 +31,19 @@ def sha256(path: Path) -> str:
 
 
 def sources(weights: str = WEIGHTS) -> dict[str, str]:
-    """SHA-256 of the weights file, and of the model card's fields that an export of ``weights`` reads
-    (so that an edit of the card's prose does not make the model stale)."""
+    """SHA-256 of the weights file, of the model card's fields that an export of ``weights`` reads
+    (so that an edit of the card's prose does not make the model stale), and of the reliability
+    model's JSON (None when the weights ship none)."""
     from scsonet.models._loading import PRETRAINED
+    from scsonet.reliability import default_model_path
 
     member = PRETRAINED[weights]
     card = json.loads(member.value.card_path.read_text())
     fields = json.dumps({key: card.get(key) for key in CARD_KEYS}, sort_keys=True).encode()
+    reliability = default_model_path(member.path)
     return {"weights_file": member.path.name, "weights_sha256": sha256(member.path),
-            "card_export_sha256": hashlib.sha256(fields).hexdigest()}
+            "card_export_sha256": hashlib.sha256(fields).hexdigest(),
+            "reliability_sha256": sha256(reliability) if reliability.is_file() else None}
 
 
 def problems(out_dir: Path = OUT_DIR, expected: dict[str, str] | None = None) -> list[str]:

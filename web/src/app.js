@@ -1,6 +1,7 @@
 // The page: load the model once, then photo -> outline, all in this tab. Nothing is sent anywhere.
 import * as ort from './ort/ort.wasm.min.mjs';
-import { maskAtSize, modelInfo, normalize, onnxMetadata, paintOutline, resizeRGBA, sigmoid } from './pipeline.js';
+import { REVIEW_COLOR, assess, maskAtSize, modelInfo, normalize, onnxMetadata, paintOutline, reliabilityFeatures,
+  reliabilityModel, resizeFloat, resizeRGBA, sigmoid, twoPass } from './pipeline.js';
 import { encodeGrayPNG } from './png.js';
 
 const $ = (id) => document.getElementById(id);
@@ -44,7 +45,10 @@ async function loadModel() {
   const response = await fetch(MODEL_URL);
   if (!response.ok) throw new Error(`cannot load the model (${MODEL_URL}: HTTP ${response.status})`);
   const bytes = new Uint8Array(await response.arrayBuffer());
-  const info = modelInfo(onnxMetadata(bytes));
+  const meta = onnxMetadata(bytes), info = modelInfo(meta);
+  // A broken reliability model is left out (with a message on the page), not trusted, not fatal.
+  let reliability = null, reliabilityError = null;
+  try { reliability = reliabilityModel(meta); } catch (err) { reliabilityError = err.message; }
   ort.env.wasm.numThreads = threadCount();
   ort.env.wasm.wasmPaths = new URL('./ort/', import.meta.url).href;
   const session = await ort.InferenceSession.create(bytes, {
@@ -53,7 +57,7 @@ async function loadModel() {
     // Pinning every axis lets the optimiser fold the shape arithmetic away.
     freeDimensionOverrides: { batch: 1, height: info.height, width: info.width },
   });
-  const model = { session, info, input: session.inputNames[0], output: session.outputNames[0] };
+  const model = { session, info, reliability, reliabilityError, input: session.inputNames[0], output: session.outputNames[0] };
   await runModel(model, new Float32Array(3 * info.height * info.width));  // the first run allocates
   return model;
 }
@@ -110,22 +114,46 @@ function rgbaOf(bitmap, width = bitmap.width, height = bitmap.height) {
   return ctx.getImageData(0, 0, width, height).data;
 }
 
-// `scsonet predict` for one photo up to the model's probabilities (resize, normalise, model, sigmoid);
-// maskAtSize then resizes them back and thresholds them.
-async function segment(model, { bitmap, width, height }, timings = {}) {
+// The model's probabilities of an RGB image at the model's size (normalise, model, sigmoid).
+async function probabilities(model, rgb) {
+  const { info } = model;
+  return sigmoid(await runModel(model, normalize(rgb, info.width, info.height, info.mean, info.std)));
+}
+
+// `scsonet predict` for one photo: pass 1 on the whole frame, pass 2 on a crop around a lesion that
+// is small in the frame (two-pass, on unless turned off), and the reliability score. Returns the
+// final probabilities as `source` ({ probs, width, height }, which maskAtSize resizes to any size
+// and thresholds): pass 1's at the model's size, or the pasted-back map at the bitmap's size.
+// For a photo decoded smaller than its own size (over EXACT_MAX_PIXELS) the crop and the
+// reliability features come from the decoded pixels.
+async function segment(model, { bitmap, width, height }, timings = {}, usePass2 = true) {
   const { info } = model;
   let t = performance.now();
   const lap = (name) => { const now = performance.now(); timings[name] = now - t; t = now; };
-  const rgba = rgbaOf(bitmap);
+  const rgba = rgbaOf(bitmap), bw = bitmap.width, bh = bitmap.height;
   lap('pixels');
-  const x = normalize(resizeRGBA(rgba, bitmap.width, bitmap.height, info.width, info.height), info.width,
-    info.height, info.mean, info.std);
+  const rgb = resizeRGBA(rgba, bw, bh, info.width, info.height);
   lap('resize');
-  const logits = await runModel(model, x);
+  const p1 = await probabilities(model, rgb);
   lap('model');
+  const modelMs = timings.model;
+  let source = { probs: p1, width: info.width, height: info.height }, pass = null, finalProbs;
+  if (usePass2) {
+    const tp = await twoPass(rgba, bw, bh, p1, info, (x) => probabilities(model, x));
+    pass = tp.info;
+    finalProbs = tp.probs;
+    if (pass.second_pass) source = { probs: tp.probs, width: bw, height: bh };
+    lap('two-pass');
+  }
+  let verdict = null;
+  if (model.reliability) {
+    finalProbs ??= bw === info.width && bh === info.height ? p1 : resizeFloat(p1, info.width, info.height, bw, bh);
+    verdict = assess(model.reliability, reliabilityFeatures(finalProbs, bw, bh, pass, info.threshold));
+    lap('reliability');
+  }
   // The photo's pixels, when they are at its own size (for the outlined photo's download).
-  const full = bitmap.width === width && bitmap.height === height ? rgba : null;
-  return { rgba: full, probs: sigmoid(logits), modelMs: timings.model, timings };
+  const full = bw === width && bh === height ? rgba : null;
+  return { rgba: full, source, pass, verdict, modelMs, timings };
 }
 
 function noLesionLabel(ctx, height) {
@@ -139,6 +167,21 @@ function noLesionLabel(ctx, height) {
   ctx.fillText('no lesion found', margin, margin);
 }
 
+// The amber banner along the bottom edge of an outline to review, as scsonet.postprocess.draw_overlay:
+// the longest of its texts that fits the width.
+function reviewBanner(ctx, width, height, reliability) {
+  const size = Math.max(12, Math.floor(height / 16)), margin = Math.max(2, Math.floor(height / 64));
+  const score = reliability === null ? '' : ` (reliability ${reliability.toFixed(2)})`;
+  ctx.font = `${size}px sans-serif`;
+  ctx.textBaseline = 'top';
+  const texts = [`REVIEW: outline may be wrong${score}`, `REVIEW${score}`, 'REVIEW'];
+  const text = texts.find((s) => ctx.measureText(s).width + 2 * margin <= width) ?? texts[texts.length - 1];
+  ctx.fillStyle = `rgb(${REVIEW_COLOR.join(',')})`;
+  ctx.fillRect(0, height - size - 2 * margin, width, size + 2 * margin);
+  ctx.fillStyle = '#000';
+  ctx.fillText(text, margin, height - size - margin);
+}
+
 function viewSize(width, height) {
   const scale = Math.min(1, DISPLAY_MAX / Math.max(width, height));
   return [Math.max(1, Math.round(width * scale)), Math.max(1, Math.round(height * scale))];
@@ -147,17 +190,20 @@ function viewSize(width, height) {
 // The photo with the outline, at most DISPLAY_MAX on its longest side: `mask` is at that size (for a
 // large photo, from the probabilities resized to it; the downloads are at the photo's own size).
 // The outline is a layer drawn over the photo, so no pixels are read back for the view.
-function drawView(bitmap, mask, w, h) {
+function drawView(bitmap, mask, w, h, verdict) {
   const canvas = $('view');
   canvas.width = w;
   canvas.height = h;
   const ctx = canvas.getContext('2d');
   ctx.imageSmoothingQuality = 'high';
   ctx.drawImage(bitmap, 0, 0, w, h);
-  if (!mask.includes(1)) { noLesionLabel(ctx, h); return; }
-  const layer = new OffscreenCanvas(w, h);
-  layer.getContext('2d').putImageData(new ImageData(paintOutline(new Uint8ClampedArray(w * h * 4), mask, w, h), w, h), 0, 0);
-  ctx.drawImage(layer, 0, 0);
+  if (!mask.includes(1)) noLesionLabel(ctx, h);
+  else {
+    const layer = new OffscreenCanvas(w, h);
+    layer.getContext('2d').putImageData(new ImageData(paintOutline(new Uint8ClampedArray(w * h * 4), mask, w, h), w, h), 0, 0);
+    ctx.drawImage(layer, 0, 0);
+  }
+  if (verdict?.review) reviewBanner(ctx, w, h, verdict.reliability);
 }
 
 function fmt(n, digits = 0) { return n.toLocaleString('en', { maximumFractionDigits: digits, minimumFractionDigits: digits }); }
@@ -171,6 +217,16 @@ function showFigures() {
   $('fraction').textContent = `${fmt(100 * s.lesion_fraction, 1)} %`;
   $('confidence').textContent = s.mean_confidence === null ? '–' : `${fmt(100 * s.mean_confidence, 1)} %`;
   $('size').textContent = `${s.width} × ${s.height} px`;
+  const { verdict, pass } = state.result;
+  const threshold = state.model.reliability?.reviewThreshold;
+  $('reliability').textContent = verdict ? `${fmt(verdict.reliability, 2)}${verdict.review ? ' (review)' : ''}`
+    : state.model.reliabilityError ? 'not available (invalid in the model)' : 'not available (none in the model)';
+  $('review').hidden = !verdict?.review;
+  $('review-text').textContent = verdict?.review ? `Review: the outline may be wrong (reliability ${fmt(verdict.reliability, 2)}, ` +
+    `below ${fmt(threshold, 2)}). Check it by eye before using the area.` : '';
+  $('second-pass').textContent = !pass ? 'off' : pass.second_pass ? `ran on a crop (${fmt(100 * pass.crop_share, 0)} % of the photo)`
+    : { 'no lesion': 'not run (no lesion in pass 1)', 'fills frame': 'not needed (the lesion fills the frame)',
+      'crop rejected': 'not run (the crop would cover most of the photo)' }[pass.reason] ?? pass.reason;
 }
 
 const state = { model: null, busy: false, pending: null, result: null, name: 'photo', maskUrl: null };
@@ -186,21 +242,22 @@ async function handle(file) {
   try {
     const photo = await decode(file);
     const timings = { decode: performance.now() - t0 };
-    const result = await segment(state.model, photo, timings);
-    const { info } = state.model, { width, height } = photo;
+    const result = await segment(state.model, photo, timings, $('two-pass').checked);
+    const { info } = state.model, { width, height } = photo, src = result.source;
+    const maskOf = (outW, outH) => maskAtSize(src.probs, src.width, src.height, outW, outH, info.threshold);
     let t = performance.now();
     const [w, h] = viewSize(width, height);
     // At its own size the view's mask is the mask; a larger photo gets the full-size mask (area,
     // download) after its outline is on the screen.
-    let full = w === width && h === height ? maskAtSize(result.probs, info.width, info.height, width, height, info.threshold) : null;
-    const viewMask = full ? full.mask : maskAtSize(result.probs, info.width, info.height, w, h, info.threshold).mask;
+    let full = w === width && h === height ? maskOf(width, height) : null;
+    const viewMask = full ? full.mask : maskOf(w, h).mask;
     timings['view mask'] = performance.now() - t;
     t = performance.now();
-    drawView(photo.bitmap, viewMask, w, h);
+    drawView(photo.bitmap, viewMask, w, h, result.verdict);
     const totalMs = performance.now() - t0;
     timings['view draw'] = performance.now() - t;
     t = performance.now();
-    full ??= maskAtSize(result.probs, info.width, info.height, width, height, info.threshold);
+    full ??= maskOf(width, height);
     timings['full-size mask'] = performance.now() - t;
     const figuresMs = performance.now() - t0;
     photo.bitmap.close();
@@ -219,6 +276,8 @@ async function handle(file) {
     Object.assign($('result').dataset, { totalMs: totalMs.toFixed(1), modelMs: result.modelMs.toFixed(1),
       figuresMs: figuresMs.toFixed(1),
       areaPx: result.summary.lesion_area_px, file: file.name || '',
+      reliability: result.verdict ? result.verdict.reliability : '', review: result.verdict ? result.verdict.review : '',
+      twoPass: result.pass ? result.pass.second_pass : '', twoPassReason: result.pass ? result.pass.reason : 'off',
       timings: JSON.stringify(Object.fromEntries(Object.entries(timings).map(([k, v]) => [k, Math.round(v * 10) / 10]))) });
     setStatus(`Outlined in ${fmt(totalMs)} ms (the model itself: ${fmt(result.modelMs, 1)} ms), on this device.`);
     document.body.dataset.state = 'done';
@@ -259,6 +318,7 @@ async function saveOverlay(r) {
   if (r.summary.lesion_found) paintOutline(rgba, r.mask, r.width, r.height);
   ctx.putImageData(new ImageData(rgba, r.width, r.height), 0, 0);
   if (!r.summary.lesion_found) noLesionLabel(ctx, r.height);
+  if (r.verdict?.review) reviewBanner(ctx, r.width, r.height, r.verdict.reliability);
   const url = URL.createObjectURL(await canvas.convertToBlob({ type: 'image/png' }));
   const a = Object.assign(document.createElement('a'), { href: url, download: `${state.name}_overlay.png` });
   document.body.append(a);
@@ -276,6 +336,9 @@ function wire() {
     handle(new File([blob], 'ISIC_0012656.jpg', { type: blob.type }));
   });
   $('scale').addEventListener('input', showFigures);
+  // As `scsonet predict --no-two-pass`; the reliability score was fitted on two-pass outlines.
+  if (params.get('twopass') === '0') $('two-pass').checked = false;
+  $('two-pass').addEventListener('change', () => { if (state.result?.file) handle(state.result.file); });
   $('download-overlay').addEventListener('click', downloadOverlay);
   const drop = $('drop');
   document.addEventListener('dragover', (e) => { e.preventDefault(); drop.classList.add('over'); });
@@ -310,7 +373,14 @@ async function main() {
   const { info } = state.model;
   $('model-info').textContent = `Model ${info.arch} (${info.weights}, scsonet ${info.version}), ` +
     `${info.width}×${info.height} input, threshold ${info.threshold}; onnxruntime-web ${ort.env.versions?.web ?? ''} ` +
-    `WebAssembly, ${ort.env.wasm.numThreads} thread(s)${self.crossOriginIsolated ? '' : ' (page not cross-origin isolated)'}.`;
+    `WebAssembly, ${ort.env.wasm.numThreads} thread(s)${self.crossOriginIsolated ? '' : ' (page not cross-origin isolated)'}; ` +
+    (state.model.reliability ? `reliability model fitted for ${state.model.reliability.meta.weights ?? '?'} on ` +
+      `${state.model.reliability.meta.split ?? '?'}, review below ${state.model.reliability.reviewThreshold}.`
+      : 'no reliability model in this export.');
+  if (state.model.reliabilityError) {
+    showError(`The model's reliability model is invalid and is not used, so no outline gets a review mark: ` +
+      `${state.model.reliabilityError}. Re-export the model with \`scsonet export\`.`);
+  }
   setStatus('Ready: choose, drop or take a photo.');
   document.body.dataset.state = 'ready';
   // For automation (tests, benchmarks): the loaded model and the pipeline.

@@ -271,7 +271,7 @@ export const outlineWidth = (height, width) => Math.max(3, roundHalfEven(Math.ma
 // Erosion by a (2r+1) square with the border repeated: a pixel stays when its window, clipped to
 // the image, holds no background. Rows by runs of lesion; columns by counting lesion above and
 // below (capped: only "at least r + 1, or up to the border" matters).
-function erode(mask, width, height, r) {
+export function erode(mask, width, height, r) {
   const rows = new Uint8Array(mask.length);
   for (let y = 0; y < height; y++) {
     const base = y * width;
@@ -318,3 +318,197 @@ export function paintOutline(rgba, mask, width, height) {
   }
   return rgba;
 }
+
+
+// ---- two-pass prediction (scsonet.twopass.two_pass_batch, for one image) ----
+
+export const TWO_PASS = { CONTEXT: [1.5, 3.0], GATE_BORDER: 0.02, GATE_SHRINK: 0.8, MAX_CROP_SHARE: 0.7,
+  MIN_CROP_FRACTION: 0.125, MIN_COMPONENT_PX: 4 };
+
+const round6 = (x) => Math.round(x * 1e6) / 1e6;
+
+// 4-connected components of a 0/1 mask: labels numbered in raster order of each component's first
+// pixel (as scsonet.twopass.label_components), and their sizes (sizes[0] unused).
+export function labelComponents(mask, w, h) {
+  const labels = new Int32Array(w * h), sizes = [0], stack = new Int32Array(w * h);
+  for (let start = 0; start < mask.length; start++) {
+    if (!mask[start] || labels[start]) continue;
+    const label = sizes.length;
+    let top = 0, n = 0;
+    stack[top++] = start;
+    labels[start] = label;
+    while (top) {
+      const i = stack[--top], x = i % w;
+      n++;
+      if (x > 0 && mask[i - 1] && !labels[i - 1]) { labels[i - 1] = label; stack[top++] = i - 1; }
+      if (x < w - 1 && mask[i + 1] && !labels[i + 1]) { labels[i + 1] = label; stack[top++] = i + 1; }
+      if (i >= w && mask[i - w] && !labels[i - w]) { labels[i - w] = label; stack[top++] = i - w; }
+      if (i + w < w * h && mask[i + w] && !labels[i + w]) { labels[i + w] = label; stack[top++] = i + w; }
+    }
+    sizes.push(n);
+  }
+  return { labels, sizes };
+}
+
+// The largest component's bounding box [x0, y0, x1, y1] (exclusive) and size; ties go to the
+// first in raster order, as numpy's argmax.
+function largestComponentBox(mask, w, h) {
+  const { labels, sizes } = labelComponents(mask, w, h);
+  let best = 0;
+  for (let k = 1; k < sizes.length; k++) if (sizes[k] > (best ? sizes[best] : 0)) best = k;
+  if (!best) return { size: 0 };
+  let x0 = w, y0 = h, x1 = -1, y1 = -1;
+  for (let i = 0; i < labels.length; i++) {
+    if (labels[i] !== best) continue;
+    const x = i % w, y = (i - x) / w;
+    if (x < x0) x0 = x; if (x > x1) x1 = x; if (y < y0) y0 = y; if (y > y1) y1 = y;
+  }
+  return { size: sizes[best], box: [x0, y0, x1 + 1, y1 + 1] };
+}
+
+// Square window [x0, y0, x1, y1] around `box` (image pixels), as scsonet.twopass.crop_window.
+export function cropWindow(box, height, width, context, minFraction = TWO_PASS.MIN_CROP_FRACTION) {
+  const [x0, y0, x1, y1] = box;
+  const side = Math.max(context * Math.max(x1 - x0, y1 - y0), minFraction * Math.min(height, width), 1);
+  const out = [];
+  for (const [lo, hi, extent] of [[x0, x1, width], [y0, y1, height]]) {
+    const length = Math.min(roundHalfEven(side), extent);
+    const start = Math.min(Math.max(roundHalfEven((lo + hi) / 2 - length / 2), 0), extent - length);
+    out.push([start, start + length]);
+  }
+  return [out[0][0], out[1][0], out[0][1], out[1][1]];
+}
+
+// Share of a 0/1 mask's border pixels that are set, counted as numpy's concatenate of the first and
+// last rows and the inner first and last columns.
+function borderShare(mask, w, h) {
+  let n = 0;
+  for (let x = 0; x < w; x++) n += mask[x] + mask[(h - 1) * w + x];
+  for (let y = 1; y < h - 1; y++) n += mask[y * w] + mask[y * w + w - 1];
+  const total = 2 * w + 2 * Math.max(0, h - 2);
+  return total ? n / total : 0;
+}
+
+const countAtLeast = (values, t) => { let n = 0; for (let i = 0; i < values.length; i++) n += values[i] >= t; return n; };
+
+// RGBA region [x0, y0, x1, y1] of an RGBA image of width `width`.
+function cropRGBA(rgba, width, [x0, y0, x1, y1]) {
+  const cw = x1 - x0, out = new Uint8Array(cw * (y1 - y0) * 4);
+  for (let y = y0; y < y1; y++) out.set(rgba.subarray((y * width + x0) * 4, (y * width + x1) * 4), (y - y0) * cw * 4);
+  return out;
+}
+
+// Two-pass probabilities of one image (RGBA, width x height) from pass 1's probabilities `p1` at the
+// model's size; `predict(rgb)` runs the model on an RGB uint8 image at its size and returns
+// probabilities. Returns { probs: float32 at the image's size, info: as TwoPassInfo.to_dict() }.
+export async function twoPass(rgba, width, height, p1, info, predict) {
+  const { width: mw, height: mh, threshold: t } = info;
+  const full = width === mw && height === mh ? p1 : resizeFloat(p1, mw, mh, width, height);
+  const result = { second_pass: false, reason: 'no lesion', crop: null, crop_share: null, agreement: null,
+    context: null, pass2_border: null };
+  const lesion = largestComponentBox(p1.map((v) => v >= t), mw, mh);
+  if (lesion.size < TWO_PASS.MIN_COMPONENT_PX) return { probs: full, info: result };
+  result.reason = 'fills frame';
+  const sx = width / mw, sy = height / mh, [bx0, by0, bx1, by1] = lesion.box;
+  const box = [bx0 * sx, by0 * sy, bx1 * sx, by1 * sy];
+  let pass1Area = null;
+  for (let step = 0; step < TWO_PASS.CONTEXT.length; step++) {
+    const ctx = TWO_PASS.CONTEXT[step], last = step === TWO_PASS.CONTEXT.length - 1;
+    const win = cropWindow(box, height, width, ctx), [x0, y0, x1, y1] = win, cw = x1 - x0, ch = y1 - y0;
+    const share = cw * ch / (width * height);
+    Object.assign(result, { crop: win, crop_share: round6(share) });
+    if (share > TWO_PASS.MAX_CROP_SHARE) {
+      if (step) result.reason = 'crop rejected';  // a tighter crop was rejected, this one covers too much
+      break;
+    }
+    const small = await predict(resizeRGBA(cropRGBA(rgba, width, win), cw, ch, mw, mh));
+    const p2 = cw === mw && ch === mh ? small : resizeFloat(small, mw, mh, cw, ch);
+    const p2mask = p2.map((v) => v >= t);
+    if (!last) {
+      pass1Area ??= countAtLeast(full, t);
+      const keep = borderShare(p2mask, cw, ch) <= TWO_PASS.GATE_BORDER && countAtLeast(p2, t) <= TWO_PASS.GATE_SHRINK * pass1Area;
+      if (!keep) continue;
+    }
+    const probs = new Float32Array(width * height);
+    let both = 0, a = 0, b = 0;
+    for (let y = 0; y < ch; y++) {
+      probs.set(p2.subarray(y * cw, (y + 1) * cw), (y0 + y) * width + x0);
+      for (let x = 0; x < cw; x++) {
+        const m1 = full[(y0 + y) * width + x0 + x] >= t, m2 = p2mask[y * cw + x];
+        a += m1; b += m2; both += m1 & m2;
+      }
+    }
+    Object.assign(result, { second_pass: true, reason: 'ran', context: ctx, agreement: round6(a + b ? 2 * both / (a + b) : 1),
+      pass2_border: round6(borderShare(p2mask, cw, ch)) });
+    return { probs, info: result };
+  }
+  return { probs: full, info: result };
+}
+
+// ---- the reliability score (scsonet.reliability) ----
+
+export const RELIABILITY_FORMAT = 'scsonet-reliability-v1';
+export const RELIABILITY_FEATURES = ['border_touch', 'lesion_share', 'lesion_share_sq', 'log_components', 'largest_share',
+  'margin', 'empty', 'pass_disagreement', 'flip_disagreement'];
+const FEATURE_SIZE = 256, EDGE_BAND = 4, MIN_COMPONENT_SHARE = 0.001;
+
+// The reliability model embedded by `scsonet export` (metadata key `reliability`), checked as
+// ReliabilityModel.from_dict does; null when the export has none; an Error saying what is wrong.
+export function reliabilityModel(meta) {
+  if (!('reliability' in meta)) return null;
+  const fail = (what) => { throw new Error(`${what} (ONNX metadata 'reliability')`); };
+  let data;
+  try { data = JSON.parse(meta.reliability); } catch (err) { fail(`malformed reliability model: ${err.message}`); }
+  if (!data || typeof data !== 'object' || Array.isArray(data) || data.format !== RELIABILITY_FORMAT) {
+    fail(`not a reliability model: expected format '${RELIABILITY_FORMAT}'`);
+  }
+  const names = data.features;
+  if (!Array.isArray(names) || !names.length || new Set(names).size !== names.length) fail("'features' must be a non-empty list of distinct names");
+  const unknown = names.filter((n) => !RELIABILITY_FEATURES.includes(n));
+  if (unknown.length) fail(`unknown features ${unknown.join(', ')}; known: ${RELIABILITY_FEATURES.join(', ')}`);
+  for (const key of ['mean', 'std', 'coef']) {
+    if (!Array.isArray(data[key]) || data[key].length !== names.length) fail(`'${key}' must be a list of ${names.length} numbers, one per feature`);
+  }
+  const numbers = [...data.mean, ...data.std, ...data.coef, data.intercept, data.review_threshold];
+  if (!numbers.every((v) => typeof v === 'number' && Number.isFinite(v))) {
+    fail('coefficients, means, stds, intercept and review_threshold must be finite numbers');
+  }
+  if (data.std.some((v) => v <= 0)) fail("'std' must be positive");
+  if (!(data.review_threshold >= 0 && data.review_threshold <= 1)) fail("'review_threshold' must lie in 0..1");
+  return { features: names, mean: data.mean, std: data.std, coef: data.coef, intercept: data.intercept,
+    reviewThreshold: data.review_threshold, meta: data.meta || {} };
+}
+
+// scsonet.reliability.reliability_features of the final probabilities (width x height) and the
+// two-pass info (null when two-pass was off); no flipped predictions.
+export function reliabilityFeatures(probs, width, height, passInfo, t) {
+  const n = FEATURE_SIZE * FEATURE_SIZE;
+  const p = width === FEATURE_SIZE && height === FEATURE_SIZE ? probs : resizeFloat(probs, width, height, FEATURE_SIZE, FEATURE_SIZE);
+  const mask = p.map((v) => v >= t), f = Math.fround;
+  const area = countAtLeast(mask, 1), share = area / n;
+  let components = 0, largest = 0, sum = 0, count = 0;
+  if (area) {
+    const { sizes } = labelComponents(mask, FEATURE_SIZE, FEATURE_SIZE);
+    for (let k = 1; k < sizes.length; k++) { components += sizes[k] >= MIN_COMPONENT_SHARE * n; largest = Math.max(largest, sizes[k]); }
+    largest /= area;
+    const kept = erode(mask.map((v) => 1 - v), FEATURE_SIZE, FEATURE_SIZE, EDGE_BAND);  // background that stays background
+    for (let i = 0; i < n; i++) if (mask[i] || !kept[i]) { sum += Math.abs(f(f(2 * p[i]) - 1)); count++; }
+  } else {
+    for (let i = 0; i < n; i++) sum += Math.abs(f(f(2 * p[i]) - 1));
+    count = n;
+  }
+  const agreement = passInfo?.agreement;
+  return { border_touch: borderShare(mask, FEATURE_SIZE, FEATURE_SIZE), lesion_share: share, lesion_share_sq: share * share,
+    log_components: Math.log1p(components), largest_share: largest, margin: sum / count, empty: area ? 0 : 1,
+    pass_disagreement: agreement === null || agreement === undefined ? 0 : 1 - agreement, flip_disagreement: 0 };
+}
+
+// { reliability: 0..1 (3 decimals, as results.json), score (unrounded), review } of one image.
+export function assess(model, features) {
+  let z = model.intercept;
+  model.features.forEach((name, k) => { z += (features[name] - model.mean[k]) / model.std[k] * model.coef[k]; });
+  const score = 0.5 * (1 + Math.tanh(0.5 * z));
+  return { reliability: Math.round(Math.round(score * 1e4) / 10) / 1e3, score, review: score < model.reviewThreshold };
+}
+
+export const REVIEW_COLOR = [255, 176, 0];

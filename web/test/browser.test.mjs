@@ -1,21 +1,25 @@
 // The page in real headless Chromium (the system's): masks against `scsonet predict --backend
-// onnxruntime`, no request to another origin, offline use, bad files, a 12 MP photo, a browser
-// without WebAssembly, and screenshots. `node test/browser.test.mjs [--screenshots DIR] [--work DIR]`
-// (after `npm run model && npm run build`); exit status 1 when a check fails.
+// onnxruntime` (masks, two-pass, reliability and review), no request to another origin, offline use,
+// bad files, a 12 MP photo, a browser without WebAssembly, and screenshots.
+// `node test/browser.test.mjs [--screenshots DIR] [--work DIR]` (after `npm run model && npm run build`);
+// exit status 1 when a check fails. Screenshots go to a temporary folder unless --screenshots or
+// $SCREENSHOTS names one: `SCREENSHOTS=docs/web bash scripts/web_test` refreshes the README's.
 import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { ROOT, WEB, downloadedMask, openPage, start, upload, waitState } from './harness.mjs';
-import { resizeRGBA } from '../src/pipeline.js';
+import { reliabilityModel, resizeRGBA } from '../src/pipeline.js';
 import { readPNG, readPNGChannel0, readPNGSize } from './pngread.mjs';
 
 const arg = (name, fallback) => { const i = process.argv.indexOf(name); return i > 0 ? process.argv[i + 1] : fallback; };
-const SHOTS = path.resolve(arg('--screenshots', path.join(ROOT, 'docs/web')));
 const KEEP = process.argv.includes('--work');  // a temporary folder is removed after a clean run
 const WORK = path.resolve(arg('--work', fs.mkdtempSync(path.join(os.tmpdir(), 'scsonet-web-'))));
+// Not into the tree by default: a test run leaves the committed screenshots as they are.
+const SHOTS = path.resolve(arg('--screenshots', process.env.SCREENSHOTS || path.join(WORK, 'screenshots')));
 const PYTHON = path.join(ROOT, '.venv/bin/python');
 const MIN_AGREEMENT = 0.999;
+const RELIABILITY_TOLERANCE = 0.01;
 const SAMPLES = fs.readdirSync(path.join(ROOT, 'src/scsonet/samples')).filter((f) => f.endsWith('.jpg')).sort()
   .map((f) => path.join(ROOT, 'src/scsonet/samples', f));
 
@@ -43,18 +47,28 @@ function makeInputs() {
     `.resize((1531, 1017), Image.BICUBIC).save(${JSON.stringify(odd)})`]);
   run(PYTHON, ['-c', `from PIL import Image; Image.open(${JSON.stringify(odd)}).resize((256, 256), Image.BILINEAR)` +
     `.save(${JSON.stringify(odd.replace('.png', '_256.png'))})`]);
+  // A lesion small in a big frame: a sample pasted at 200 x 200 on a 1024 x 768 skin-coloured canvas,
+  // which both `scsonet predict` and the page outline again on a crop (pass 2).
+  const small = path.join(WORK, 'small_lesion.png');
+  run(PYTHON, ['-c', `from PIL import Image; c = Image.new('RGB', (1024, 768), (224, 172, 140)); ` +
+    `c.paste(Image.open(${JSON.stringify(SAMPLES[1])}).convert('RGB').resize((200, 200), Image.BICUBIC), (600, 300)); ` +
+    `c.save(${JSON.stringify(small)})`]);
   const text = path.join(WORK, 'notes.txt');
   fs.writeFileSync(text, 'not a photo\n');
   const broken = path.join(WORK, 'broken.jpg');
   fs.writeFileSync(broken, Buffer.concat([Buffer.from([0xff, 0xd8, 0xff, 0xe0]), Buffer.alloc(2000, 7)]));
-  return { big, odd, text, broken };
+  return { big, odd, small, text, broken };
 }
 
 function pythonMasks(inputs) {
   const out = path.join(WORK, 'python');
   run(path.join(ROOT, '.venv/bin/scsonet'), ['predict', '--backend', 'onnxruntime', '--weights',
     path.join(WEB, 'dist/model/scsonet.onnx'), '--batch-size', '1', '--quiet', '--out', out, ...inputs]);
-  return (file) => readPNGChannel0(fs.readFileSync(path.join(out, `${path.parse(file).name}_mask.png`)));
+  const rows = JSON.parse(fs.readFileSync(path.join(out, 'results.json'), 'utf8')).images;
+  const byName = Object.fromEntries(rows.map((r) => [path.basename(r.file), r]));
+  const reference = (file) => readPNGChannel0(fs.readFileSync(path.join(out, `${path.parse(file).name}_mask.png`)));
+  reference.row = (file) => byName[path.basename(file)];
+  return reference;
 }
 
 function agreement(a, b) {
@@ -75,7 +89,33 @@ async function segmentAndCompare(page, file, reference, label) {
   const ms = await page.$eval('#result', (e) => Number(e.dataset.totalMs));
   check(`${label} ${path.basename(file)}: mask agrees with scsonet predict --backend onnxruntime`,
     fraction >= MIN_AGREEMENT, `${(100 * fraction).toFixed(4)} % of ${mask.width}x${mask.height} px, ${ms.toFixed(0)} ms`);
-  return { fraction, ms };
+  const page_ = await page.$eval('#result', (e) => ({ ...e.dataset }));
+  return { fraction, ms, page: page_, python: reference.row(file) };
+}
+
+// The page's reliability, review flag and second pass against results.json's.
+function checkVerdict(label, got) {
+  if (!got) return;
+  const { page, python } = got, reliability = Number(page.reliability);
+  check(`${label}: reliability ${page.reliability} and review ${page.review} equal results.json's`,
+    page.reliability !== '' && Math.abs(reliability - python.reliability) <= RELIABILITY_TOLERANCE &&
+    page.review === String(python.review), `results.json: ${python.reliability}, review ${python.review}`);
+  check(`${label}: second pass ${page.twoPass} (${page.twoPassReason}) as scsonet predict's`,
+    page.twoPass === String(python.two_pass), `results.json two_pass: ${python.two_pass}`);
+}
+
+// The page's check of the embedded reliability model (pipeline.js in Node): ReliabilityModel.from_dict's rules.
+function checkReliabilityValidation() {
+  const good = { format: 'scsonet-reliability-v1', features: ['margin', 'empty'], mean: [0.8, 0], std: [0.1, 1],
+    coef: [1.8, -0.1], intercept: 1.2, review_threshold: 0.8 };
+  const message = (data) => { try { reliabilityModel({ reliability: typeof data === 'string' ? data : JSON.stringify(data) }); return ''; } catch (e) { return e.message; } };
+  const cases = [['not JSON', '{', /malformed/], ['another format', { ...good, format: 'x' }, /expected format/],
+    ['an unknown feature', { ...good, features: ['margin', 'colour'] }, /unknown features colour/],
+    ['a short coef', { ...good, coef: [1] }, /'coef' must be a list of 2/], ['a zero std', { ...good, std: [0, 1] }, /'std' must be positive/],
+    ['a string intercept', { ...good, intercept: '1' }, /finite numbers/], ['a threshold of 2', { ...good, review_threshold: 2 }, /0\.\.1/]];
+  const wrong = cases.filter(([, data, re]) => !re.test(message(data))).map(([name]) => name);
+  check('an invalid reliability model in the metadata is refused, each with its reason',
+    message(good) === '' && reliabilityModel({}) === null && wrong.length === 0, wrong.length ? `not refused as expected: ${wrong.join(', ')}` : '');
 }
 
 // The page's resize (pipeline.js, run here in Node) against Pillow's, byte for byte.
@@ -93,7 +133,8 @@ function checkResize(odd) {
 async function main() {
   const inputs = makeInputs();
   checkResize(inputs.odd);
-  const reference = pythonMasks([...SAMPLES, inputs.odd, inputs.big]);
+  checkReliabilityValidation();
+  const reference = pythonMasks([...SAMPLES, inputs.odd, inputs.small, inputs.big]);
   const h = await start();
   try {
     const { page, requests, errors } = await openPage(h.context);
@@ -103,10 +144,29 @@ async function main() {
     check('page is cross-origin isolated (threads)', await page.evaluate(() => self.crossOriginIsolated));
     check('page says nothing leaves the device', /never leaves this device/.test(await page.$eval('#privacy', (e) => e.textContent)));
 
-    for (const file of SAMPLES) await segmentAndCompare(page, file, reference, 'online');
+    check('the page reads the reliability model from the metadata', /reliability model fitted for/.test(
+      await page.$eval('#model-info', (e) => e.textContent)));
+    for (const file of SAMPLES) checkVerdict(`online ${path.basename(file)}`, await segmentAndCompare(page, file, reference, 'online'));
 
-    await upload(page, SAMPLES[1]);  // a clear case for the picture
+    const small = await segmentAndCompare(page, inputs.small, reference, 'small lesion on a 1024 x 768 canvas');
+    checkVerdict('small lesion on a 1024 x 768 canvas', small);
+    check('small lesion: pass 2 ran in both', small?.page.twoPass === 'true' && small?.python.two_pass === true);
+
+    // A sample the reliability model marks for review, for the picture: the banner and the panel.
+    const marked = SAMPLES.find((f) => reference.row(f).review);
+    if (marked) {
+      await upload(page, marked);
+      const shown = await page.evaluate(() => ({ hidden: document.getElementById('review').hidden,
+        text: document.getElementById('review-text').textContent }));
+      check(`review mark shown for ${path.basename(marked)}`, !shown.hidden && /Review: the outline may be wrong/.test(shown.text), shown.text);
+      // The amber banner on the view: its bottom-left pixels are (255, 176, 0).
+      const px = await page.evaluate(() => { const c = document.getElementById('view');
+        return [...c.getContext('2d').getImageData(1, c.height - 2, 1, 1).data.slice(0, 3)]; });
+      check('the amber REVIEW banner is on the outlined photo', px.join() === '255,176,0', px.join());
+    }
     await page.screenshot({ path: path.join(SHOTS, 'desktop.png'), fullPage: true });
+    await upload(page, SAMPLES[1]);  // a clear case: no mark
+    check('no review mark for a reliable outline', await page.$eval('#review', (e) => e.hidden));
 
     await segmentAndCompare(page, inputs.odd, reference, '1531 x 1017 PNG (resized by the page as by Pillow)');
     const big = await segmentAndCompare(page, inputs.big, reference, '12 MP JPEG');
