@@ -14,8 +14,10 @@ from PIL import Image
 
 from scsonet.cli.main import main
 from scsonet.errors import ScsonetError
-from scsonet.evaluation import evaluate, evaluate_folder
+from scsonet.evaluation import evaluate, evaluate_folder, format_report, write_report
+from scsonet.inference import assess, predict_batch
 from scsonet.models import LoadedModel, create_model
+from scsonet.reliability import ReliabilityModel
 from scsonet.transforms import SegmentationPreset
 
 SIZE = 32
@@ -72,11 +74,14 @@ class Split:
 def test_folder_gives_the_prepared_routes_figures(tmp_path):
     images, masks, ids = make_pairs()
     prepared, prepared_rows = evaluate(loaded(), Split(images, masks, ids), batch_size=4, split="test")
-    folder, rows = evaluate_folder(loaded(), *write_folder(tmp_path, images, masks, ids), batch_size=4)
+    folder, rows = evaluate_folder(loaded(), *write_folder(tmp_path, images, masks, ids), batch_size=4,
+                                   two_pass=False)
     assert 0.2 < prepared["pooled"]["dsc"] < 0.95  # a test that could fail: not a perfect model
     for key in ("pooled", "per_image", "hd95_pixels"):
         assert folder[key] == pytest.approx(prepared[key], abs=1e-9), key
-    assert rows == prepared_rows  # same ids in the same order, same counts
+    assert [{k: r[k] for k in prepared_rows[0]} for r in rows] == prepared_rows  # same ids, order and counts
+    assert all(r["two_pass"] is False and r["reliability"] is None for r in rows)
+    assert (folder["two_pass"], folder["second_passes"], folder["reliability"]) == (False, 0, None)
     assert (folder["n_images"], folder["resolution"], folder["skipped"], folder["warnings"]) == (7, [SIZE, SIZE], [], [])
     assert folder["preprocessing"] == PRESET.to_dict() and folder["weights"] == "smallnet.pt"
 
@@ -93,6 +98,40 @@ def test_mask_of_another_size_is_scored_at_its_own_size_with_a_note(tmp_path):
     assert rows[0]["tp"] + rows[0]["fp"] + rows[0]["fn"] + rows[0]["tn"] == SIZE ** 2
     at_image_size = evaluate(loaded(), Split(images[1:2], masks[1:2], ids[1:2]), hd95=False)[1][0]["dice"]
     assert rows[1]["dice"] == pytest.approx(at_image_size, abs=0.05)  # the stretched map still fits its mask
+
+
+class RedSegmenter:
+    """A backend that sees the image: lesion where red is bright (soft at the edges), as a model
+    that finds small lesions; with a reliability model that reviews lesions over 10 % of the image."""
+
+    input_size = (SIZE, SIZE)
+    reliability = ReliabilityModel(["lesion_share"], [0.0], [1.0], [-50.0], 5.0, 0.5,
+                                   {"weights": "red", "split": "val", "two_pass": True})
+
+    def predict_probs(self, images: np.ndarray) -> np.ndarray:
+        return np.clip((images[..., 0].astype(np.float32) - 150) / 100, 0, 1)
+
+
+def test_folder_runs_scsonet_predicts_two_pass_path_by_default(tmp_path):
+    images, masks, ids = make_pairs()
+    image_dir, mask_dir = write_folder(tmp_path, images, masks, ids)
+    report, rows = evaluate_folder(RedSegmenter(), image_dir, mask_dir, batch_size=3, hd95=False)
+    expected = predict_batch(list(images), RedSegmenter(), 0.5, True)  # scsonet predict's function
+    assert report["two_pass"] is True and report["second_passes"] == sum(i.second_pass for _, i in expected) > 0
+    for row, mask, (probs, info) in zip(rows, masks, expected):
+        pred = probs >= 0.5
+        assert (row["tp"], row["fp"]) == (int((pred & (mask > 0)).sum()), int((pred & (mask == 0)).sum()))
+        assert row["two_pass"] is info.second_pass
+        assert (row["reliability"], row["review"]) == tuple(assess(RedSegmenter.reliability, probs, info, 0.5).values())
+    assert report["reviews"] == sum(r["review"] for r in rows) > 0 and "fitted for red on val" in report["reliability"]
+    assert "two-pass on" in format_report(report) and "flagged for review" in format_report(report)
+    one_pass, one_rows = evaluate_folder(RedSegmenter(), image_dir, mask_dir, hd95=False, two_pass=False)
+    assert one_pass["second_passes"] == 0 and "this run is one-pass" in one_pass["reliability"]
+    _, rows_path = write_report(report, rows, tmp_path / "out")
+    with open(rows_path) as f:
+        written = list(csv.DictReader(f))
+    assert list(written[0])[-3:] == ["two_pass", "reliability", "review"]
+    assert [(w["two_pass"], w["review"]) for w in written] == [(str(r["two_pass"]), str(r["review"])) for r in rows]
 
 
 def _bad_mask() -> np.ndarray:
@@ -159,15 +198,20 @@ def test_cli_folder_matches_cli_prepared_split(tmp_path, checkpoint, capsys):
     write_folder(tmp_path / "export", test.images.permute(0, 2, 3, 1).numpy(), test.masks[:, 0].numpy(), test.ids)
     common = ["evaluate", "--weights", str(checkpoint), "--device", "cpu", "--json"]
     assert main([*common, "--data", str(tmp_path / "prepared"), "--out", str(tmp_path / "a")]) == 0
-    assert main([*common, "--images", str(tmp_path / "export" / "images"), "--masks",
-                 str(tmp_path / "export" / "masks"), "--out", str(tmp_path / "b")]) == 0
+    folder = ["--images", str(tmp_path / "export" / "images"), "--masks", str(tmp_path / "export" / "masks")]
+    assert main([*common, *folder, "--out", str(tmp_path / "b"), "--no-two-pass"]) == 0
     printed = capsys.readouterr().out
     a, b = (json.loads((tmp_path / d / "report.json").read_text()) for d in "ab")
     assert b["pooled"] == pytest.approx(a["pooled"], abs=1e-4) and b["per_image"] == pytest.approx(a["per_image"], abs=1e-4)
     assert b["images"] == str(tmp_path / "export" / "images") and b["n_images"] == len(test.ids)
     with open(tmp_path / "b" / "per_image.csv") as f:
         assert [r["id"] for r in csv.DictReader(f)] == test.ids
-    assert '"masks"' in printed
+    assert '"masks"' in printed and b["two_pass"] is False
+    assert main([*common, *folder, "--out", str(tmp_path / "c")]) == 0  # the default: two-pass, as predict
+    c = json.loads((tmp_path / "c" / "report.json").read_text())
+    assert c["two_pass"] is True and c["n_images"] == len(test.ids)
+    with open(tmp_path / "c" / "per_image.csv") as f:
+        assert {"two_pass", "reliability", "review"} <= set(next(csv.DictReader(f)))
 
 
 @pytest.mark.parametrize("extra, needle", [
@@ -175,6 +219,7 @@ def test_cli_folder_matches_cli_prepared_split(tmp_path, checkpoint, capsys):
     ([], "--data"),
     (["--images", "{tmp}/nope", "--masks", "{tmp}"], "nope: image folder not found"),
     (["--data", "{tmp}", "--skip-bad"], "--skip-bad goes with --images"),
+    (["--data", "{tmp}", "--no-two-pass"], "--no-two-pass goes with --images"),
 ])
 def test_cli_folder_errors_are_one_line(tmp_path, checkpoint, capsys, extra, needle):
     extra = [e.format(tmp=tmp_path) for e in extra]

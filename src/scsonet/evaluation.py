@@ -33,6 +33,8 @@ __all__ = ["evaluate", "evaluate_folder", "format_report", "predict_probs", "wri
 REPORT_NAME = "report.json"
 PER_IMAGE_NAME = "per_image.csv"
 PER_IMAGE_COLUMNS = ("id", "dice", "iou", "hd95", "tp", "fp", "fn", "tn")
+# evaluate_folder's rows also carry what ``scsonet predict`` writes per image (its results.csv's fields)
+PREDICT_COLUMNS = ("two_pass", "reliability", "review")
 
 # Flip axes of the test-time augmentation: identity, horizontal, vertical, both. Each is its own inverse.
 TTA_FLIPS: tuple[tuple[int, ...], ...] = ((), (-1,), (-2,), (-2, -1))
@@ -203,19 +205,26 @@ def evaluate_folder(
         hd95: bool = True,
         skip_bad: bool = False,
         progress: bool = False,
+        two_pass: bool = True,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Score a labelled folder, each image at its mask's own resolution, as ``scsonet predict`` sees it.
 
     Images and masks are paired by stem and decoded as ``scsonet data prepare --dataset folder``
     does (a mask may carry a suffix such as ``_mask``; either folder may be a .zip): unpaired,
     duplicated, unreadable and non-binary files are bad inputs, fatal unless ``skip_bad``.
-    Probabilities come from ``predict_probabilities`` (the image resized to the model's input,
-    the map resized back to the image), then, where a mask's size differs from its image's, are
-    stretched to the mask (a note says so). With images at the model's input size this gives
-    the figures of ``evaluate`` on the same pairs prepared.
+    Probabilities come from ``scsonet predict``'s function, ``scsonet.inference.predict_batch``
+    (the image resized to the model's input, the map resized back to the image; with
+    ``two_pass``, as ``scsonet predict`` by default, a lesion small in the frame gets a second
+    pass on a crop of the image), then, where a mask's size differs from its image's, are
+    stretched to the mask (a note says so). Each row also gets predict's ``two_pass``,
+    ``reliability`` and ``review`` (None without a reliability model). With images at the
+    model's input size and ``two_pass=False`` this gives the figures of ``evaluate`` on the same
+    pairs prepared.
 
     Args:
-        model: a ``LoadedModel`` (run by ``TorchSegmenter``) or any ``Segmenter`` backend.
+        model: a ``LoadedModel`` (run by ``TorchSegmenter`` with the reliability model shipped
+            beside its weights, as ``scsonet predict`` runs it) or any ``Segmenter`` backend (its
+            ``reliability`` attribute, if any).
         images, masks: the image folder and the mask folder (or .zip archives).
         batch_size: images per forward pass (8).
         device: where a ``LoadedModel`` runs (``"cpu"``).
@@ -224,17 +233,21 @@ def evaluate_folder(
         hd95: compute the per-image HD95, in pixels of the mask (True).
         skip_bad: leave bad inputs out and list them in the report's ``skipped`` (False).
         progress: show a progress bar (False).
+        two_pass: two-pass prediction, as ``scsonet predict`` (True).
 
     Returns:
-        ``(report, rows)`` as ``evaluate`` returns them; the report also has ``images``,
-        ``masks``, ``skipped``, ``warnings`` (masks without foreground or background) and
-        ``notes``; ``resolution`` is None when the masks differ in size.
+        ``(report, rows)`` as ``evaluate`` returns them, the rows with ``PREDICT_COLUMNS`` added;
+        the report also has ``images``, ``masks``, ``two_pass``, ``second_passes`` (images whose
+        outline came from pass 2), ``reliability`` (how the scores were made, as predict's
+        settings say it), ``reviews`` (images flagged for review), ``skipped``, ``warnings``
+        (masks without foreground or background) and ``notes``; ``resolution`` is None when the
+        masks differ in size.
     """
     from tqdm import tqdm
 
     from .data.layouts import list_folder_pairs
     from .data.prepare import _check_problems, _decode, _mask_warning
-    from .inference import TorchSegmenter, predict_probabilities
+    from .inference import TorchSegmenter, assess, find_reliability_model, predict_batch, reliability_setting
     from .postprocess import resize_probabilities
 
     if batch_size < 1:
@@ -243,7 +256,10 @@ def evaluate_folder(
     problems = list(listing.problems)
     _check_problems(problems, skip_bad)  # pairing problems: fail before the slow part
     loaded = model if isinstance(model, LoadedModel) else None
-    segmenter = TorchSegmenter(loaded, resolve_device(device), tta) if loaded else model
+    segmenter = (TorchSegmenter(loaded, resolve_device(device), tta, find_reliability_model(loaded.source))
+                 if loaded else model)
+    reliability = getattr(segmenter, "reliability", None)
+    extra: list[dict[str, Any]] = []  # PREDICT_COLUMNS of each scored image
     acc = MetricAccumulator(threshold, hd95=hd95)
     ids: list[str] = []
     warnings: list[str] = []
@@ -262,7 +278,10 @@ def evaluate_folder(
                 bar.update()
             if not chunk or (problems and not skip_bad):
                 continue  # the run will fail: only look for further bad inputs, to name them all
-            for (pair, image, mask), probs in zip(chunk, predict_probabilities([c[1] for c in chunk], segmenter)):
+            predicted = predict_batch([c[1] for c in chunk], segmenter, threshold, two_pass)
+            for (pair, image, mask), (probs, info) in zip(chunk, predicted):
+                # as predict scores it: on the map at the image's size, before any stretch to the mask
+                extra.append({"two_pass": bool(info and info.second_pass), **assess(reliability, probs, info, threshold)})
                 if probs.shape != mask.shape:
                     notes.append(f"{pair.id}: mask {mask.shape[1]}x{mask.shape[0]} differs from its image "
                                  f"{image.shape[1]}x{image.shape[0]}: scored at the mask's size, the "
@@ -278,6 +297,7 @@ def evaluate_folder(
         raise ScsonetError(f"{images}: no pair could be scored")
 
     rows, metrics = _rows_and_metrics(acc, ids, hd95)
+    rows = [{**row, **more} for row, more in zip(rows, extra)]
     preset = getattr(segmenter, "preset", None)
     report: dict[str, Any] = {
         "split": None,
@@ -289,6 +309,10 @@ def evaluate_folder(
         "tta": bool(getattr(segmenter, "tta", tta)),
         "resolution": list(sizes.pop()) if len(sizes) == 1 else None,
         "preprocessing": preset.to_dict() if preset is not None else None,
+        "two_pass": two_pass,
+        "second_passes": sum(e["two_pass"] for e in extra),
+        "reliability": reliability_setting(reliability, two_pass),
+        "reviews": sum(bool(e["review"]) for e in extra) if reliability is not None else None,
         **metrics,
         "skipped": [{"file": p.file, "reason": p.reason, "id": p.id} for p in problems],
         "warnings": sorted(warnings),
@@ -298,18 +322,22 @@ def evaluate_folder(
 
 
 def _csv_cell(value: Any) -> Any:
+    if value is None:  # no reliability model: an empty cell, as in predict's results.csv
+        return ""
     if isinstance(value, float):
         return "" if math.isnan(value) else f"{value:.6f}"
     return value
 
 
 def write_report(report: dict[str, Any], rows: list[dict[str, Any]], out_dir: str | Path) -> tuple[Path, Path]:
-    """Write ``report.json`` and ``per_image.csv`` (NaN HD95 as an empty cell) into ``out_dir``, atomically."""
+    """Write ``report.json`` and ``per_image.csv`` (NaN HD95 and None as empty cells) into ``out_dir``,
+    atomically; the CSV has ``PREDICT_COLUMNS`` too where the rows have them (``evaluate_folder``)."""
     out_dir = Path(out_dir)
+    columns = PER_IMAGE_COLUMNS + tuple(c for c in PREDICT_COLUMNS if rows and c in rows[0])
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=PER_IMAGE_COLUMNS, lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
-    writer.writerows({key: _csv_cell(row[key]) for key in PER_IMAGE_COLUMNS} for row in rows)
+    writer.writerows({key: _csv_cell(row[key]) for key in columns} for row in rows)
     report_path, rows_path = out_dir / REPORT_NAME, out_dir / PER_IMAGE_NAME
     write_text_atomic(rows_path, buffer.getvalue())
     write_json_atomic(report_path, report)
@@ -323,6 +351,11 @@ def format_report(report: dict[str, Any]) -> str:
         f"images {report['images']} with masks {report['masks']}"
     header = (f"{where}, {report['n_images']} images, threshold {report['threshold']:.2f}, "
               f"TTA {'on' if report['tta'] else 'off'}, protocol {report['protocol'] or 'unknown'}")
+    if "two_pass" in report:  # a folder, scored through scsonet predict's path
+        header += (f"\nscsonet predict's path, two-pass {'on' if report['two_pass'] else 'off'}"
+                   f" (pass 2 ran on {report['second_passes']})"
+                   + (f", {report['reviews']} flagged for review (reliability {report['reliability']})"
+                      if report.get("reliability") else ", no reliability model"))
     lines = [f"weights: {report['weights'] or report['model']}", header, ""]
     table = [
         ("IoU of the lesion, pooled (paper 'mIoU')", f"{100 * pooled['miou']:.2f} %"),

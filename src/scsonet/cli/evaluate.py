@@ -18,7 +18,8 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("evaluate", help="metrics of weights on a prepared split or a labelled folder",
                               description="Evaluate weights on a prepared split (--data) or on a labelled folder "
                                           "(--images with --masks, paired by stem as `scsonet data prepare "
-                                          "--dataset folder` pairs them, scored at each mask's own size): the paper's five "
+                                          "--dataset folder` pairs them, scored at each mask's own size through scsonet predict's "
+                                          "path, two-pass and reliability score included): the paper's five "
                                           "pooled metrics, per-image Dice/IoU mean and std, and HD95 in pixels.")
     p.add_argument("--weights", required=True, help="pretrained name (scsonet-isic2017), .pt checkpoint or .safetensors")
     p.add_argument("--data", type=Path, default=None, help="prepared dataset directory (scsonet data prepare)")
@@ -26,6 +27,9 @@ def register(subparsers) -> None:
     p.add_argument("--masks", type=Path, default=None, help="with --images: folder (or .zip) of their masks")
     p.add_argument("--skip-bad", action="store_true",
                    help="with --images: leave out bad inputs (unpaired, unreadable, non-binary), listed in the report")
+    p.add_argument("--no-two-pass", dest="two_pass", action="store_false",
+                   help="with --images: one pass only (default: two-pass, as scsonet predict: a second pass on a "
+                        "crop around a lesion small in the frame)")
     p.add_argument("--split", default="test", help="split to evaluate (test)")
     p.add_argument("--tta", action="store_true", help="average over horizontal/vertical flips")
     p.add_argument("--threshold", type=float, default=0.5, help="probability threshold for lesion (0.5)")
@@ -65,12 +69,14 @@ def run(args) -> int:
         raise ScsonetError("name a prepared dataset (--data) or a labelled folder (--images with --masks)")
     if args.skip_bad and not folder:
         raise ScsonetError("--skip-bad goes with --images and --masks (a prepared dataset has no bad inputs)")
+    if not args.two_pass and not folder:
+        raise ScsonetError("--no-two-pass goes with --images and --masks (a prepared split is scored in one pass)")
     device = resolve_device(args.device)
     if folder:
         loaded = load_model(args.weights, device)
         report, rows = evaluate_folder(loaded, args.images, args.masks, batch_size=args.batch_size, device=device,
                                        tta=args.tta, threshold=args.threshold, hd95=args.hd95,
-                                       skip_bad=args.skip_bad, progress=not args.json)
+                                       skip_bad=args.skip_bad, progress=not args.json, two_pass=args.two_pass)
         tag = args.images.resolve().name
     else:
         arrays = PreparedData(args.data).load(args.split)
