@@ -10,14 +10,17 @@ import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from .errors import ScsonetError
 
-__all__ = ["IMAGE_SUFFIXES", "ImageLike", "InputError", "expand_inputs", "read_image", "to_rgb_array"]
+__all__ = ["IMAGE_SUFFIXES", "ImageLike", "InputError", "LazyImage", "expand_inputs", "read_draft", "read_image",
+           "shrink_to", "to_rgb_array"]
+
+_ORIENTATION = 0x0112  # the EXIF tag
 
 
 def _register_optional_plugins() -> None:
@@ -104,7 +107,14 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         ScsonetError: one line naming the file (missing, not an image, truncated, unsupported,
             too many pixels, not enough memory).
     """
-    path = Path(path)
+    return _decode(Path(path))[0]
+
+
+def _decode(path: Path, draft: Optional[tuple[int, int]] = None) -> tuple[np.ndarray, tuple[int, int]]:
+    """``read_image``, or with ``draft`` = (width, height) a JPEG decoded at the smallest of its
+    1/2, 1/4, 1/8 scales still at least that size (Pillow's draft mode: several times faster on
+    big photos; other formats decode fully). Returns the RGB array and the full-size image's
+    (height, width) after the EXIF orientation."""
     if not path.is_file():
         raise ScsonetError(f"{path}: no such file" if not path.exists() else f"{path}: not a file")
     size = None
@@ -116,7 +126,11 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
             size = img.size
             if img.format not in _PIL_FORMATS:
                 raise ScsonetError(f"{path}: {img.format} files hold no pixels Pillow can decode here")
+            if draft is not None and img.format in ("JPEG", "MPO"):
+                img.draft("RGB", draft)
             img.load()  # decode now: a truncated file fails here, not later
+            swap = img.getexif().get(_ORIENTATION, 1) in (5, 6, 7, 8)  # EXIF turns the image a quarter
+            full = (size[0], size[1]) if swap else (size[1], size[0])
             img = ImageOps.exif_transpose(img)
             rgb = _pil_to_rgb(img)
     except UnidentifiedImageError:
@@ -130,7 +144,66 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         raise ScsonetError(f"{path}: truncated or corrupt image ({err})") from None
     if rgb.shape[0] == 0 or rgb.shape[1] == 0:
         raise ScsonetError(f"{path}: image has no pixels")
-    return rgb
+    return rgb, full
+
+
+class LazyImage:
+    """An image file decoded at a reduced size now (``read_draft``) and at full size only when a
+    full-resolution region is asked for (``image[y0:y1, x0:x1]``, as two-pass's second pass does).
+
+    ``shape`` is the full image's (H, W, 3); ``resized`` and ``preview`` work from the reduced
+    decode, which is at least the size asked for (exact when the file decodes fully anyway).
+    """
+
+    def __init__(self, path: Path, draft: np.ndarray, shape: tuple[int, int]):
+        self.path, self.draft, self.shape = path, draft, (*shape, 3)
+        self._full: Optional[np.ndarray] = draft if draft.shape[:2] == tuple(shape) else None
+
+    @property
+    def decoded_fully(self) -> bool:
+        return self._full is not None
+
+    def full(self) -> np.ndarray:
+        if self._full is None:
+            self._full = read_image(self.path)
+        return self._full
+
+    def __getitem__(self, key):
+        return self.full()[key]
+
+    def __array__(self, dtype=None, copy=None):
+        return self.full() if dtype is None else self.full().astype(dtype)
+
+    def resized(self, size: tuple[int, int]) -> np.ndarray:
+        """The image at ``size`` = (height, width), bilinear from the reduced decode."""
+        if self.draft.shape[:2] == tuple(size):
+            return self.draft
+        return np.asarray(Image.fromarray(self.draft).resize((size[1], size[0]), Image.BILINEAR))
+
+    def preview(self, longest: Optional[int]) -> np.ndarray:
+        """The image with its longest side at most ``longest`` (None: the full image)."""
+        if longest is None:
+            return self.full()
+        source = self._full if self._full is not None and max(self.draft.shape[:2]) < longest else self.draft
+        return shrink_to(source, longest)
+
+
+def shrink_to(rgb: np.ndarray, longest: int) -> np.ndarray:
+    """``rgb`` with its longest side at most ``longest`` (aspect kept; unchanged if already)."""
+    h, w = rgb.shape[:2]
+    if max(h, w) <= longest:
+        return rgb
+    scale = longest / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return np.asarray(Image.fromarray(rgb).resize(size, Image.BILINEAR))
+
+
+def read_draft(path: str | os.PathLike, min_size: tuple[int, int]) -> LazyImage:
+    """``path`` as a ``LazyImage`` whose reduced decode is at least ``min_size`` = (height, width)
+    on each side (a big JPEG decodes at 1/2 to 1/8 scale); errors as ``read_image``."""
+    path = Path(path)
+    rgb, full = _decode(path, (int(min_size[1]), int(min_size[0])))
+    return LazyImage(path, rgb, full)
 
 
 def to_rgb_array(image: ImageLike) -> np.ndarray:

@@ -29,7 +29,7 @@ from PIL import Image
 
 from ._io import atomic_path, fsync_dir, write_json_atomic, write_text_atomic
 from .errors import ScsonetError
-from .imageio import IMAGE_SUFFIXES, ImageLike, expand_inputs, read_image, to_rgb_array
+from .imageio import IMAGE_SUFFIXES, ImageLike, LazyImage, expand_inputs, read_draft, to_rgb_array
 from .postprocess import (draw_overlay, probabilities_to_uint8, resize_image, resize_probabilities,
                           summarize)
 from .reliability import ReliabilityModel, default_model_path, reliability_features
@@ -47,7 +47,8 @@ if TYPE_CHECKING:
 
 __all__ = ["JOURNAL_NAME", "PredictRows", "RESULT_FIELDS", "Segmentation", "Segmenter", "TorchSegmenter",
            "assess", "find_reliability_model", "predict_batch", "predict_files", "predict_probabilities",
-           "reliability_setting", "sample_images", "segment", "segment_image"]
+           "reliability_setting", "sample_images", "segment", "segment_image", "shipped_onnx",
+           "torch_available"]
 
 RESULT_FIELDS = ["file", "status", "error", "width", "height", "lesion_found", "lesion_area_px",
                  "lesion_fraction", "bbox", "mean_confidence", "two_pass", "reliability", "review"]
@@ -56,6 +57,9 @@ _REQUIRED_FIELDS = RESULT_FIELDS[:RESULT_FIELDS.index("two_pass")]
 PROBABILITY_FORMATS = ("png", "npy")
 JOURNAL_NAME = "results.jsonl"  # in --out: one line per finished input, every run's
 _O_BINARY = getattr(os, "O_BINARY", 0)  # Windows would otherwise translate the newlines
+# Longest side of the overlay PNG by default (the mask is always at full size): a 12 MP photo's
+# full-size overlay costs more to draw and compress than everything else together.
+PREVIEW_SIDE = 1024
 
 
 class Segmenter(Protocol):
@@ -173,8 +177,41 @@ def sample_images() -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
 
 
+# Pretrained names -> their ONNX export in scsonet/weights (scripts/shipped_onnx.py builds it), which
+# the base install (no PyTorch) segments with.
+SHIPPED_ONNX = {"scsonet-isic2017": "scsonet_isic2017_v1.onnx"}
+
+
+def shipped_onnx(name: str) -> Optional[Path]:
+    """The shipped ONNX export of pretrained weights ``name``, or None if there is none."""
+    if name not in SHIPPED_ONNX:
+        return None
+    path = Path(str(resources.files("scsonet").joinpath("weights", SHIPPED_ONNX[name])))
+    return path if path.is_file() else None
+
+
+def torch_available() -> bool:
+    """Whether PyTorch can be imported (the ``scsonet[torch]`` extra), without importing it."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("torch") is not None
+    except (ImportError, ValueError):
+        return False
+
+
 @functools.lru_cache(maxsize=4)
-def _cached_segmenter(weights: str, stamp: Optional[int], device: str, tta: bool) -> TorchSegmenter:
+def _cached_segmenter(weights: str, stamp: Optional[int], device: str, tta: bool) -> Segmenter:
+    onnx = Path(weights) if Path(weights).suffix == ".onnx" else None
+    if onnx is None and not torch_available():
+        onnx = shipped_onnx(weights)
+        if onnx is None:
+            raise ScsonetError(f"weights {weights!r} need PyTorch: pip install 'scsonet[torch]' "
+                               f"(without it: {', '.join(SHIPPED_ONNX)} or an .onnx file from `scsonet export`)")
+    if onnx is not None:  # ONNX Runtime: numpy, Pillow and onnxruntime only
+        from .onnx_runtime import OrtSegmenter
+
+        return OrtSegmenter(onnx, tta=tta)
     from ._device import resolve_device
     from .models import load_model
 
@@ -206,7 +243,9 @@ def segment_image(image: ImageLike, weights: str | os.PathLike = "scsonet-isic20
     path = Path(weights)
     stamp = path.stat().st_mtime_ns if path.is_file() else None
     segmenter = _cached_segmenter(str(weights), stamp, str(device), bool(tta))
-    probs, info = predict_batch([to_rgb_array(image)], segmenter, threshold, two_pass)[0]
+    rgb = (read_draft(image, _draft_size(segmenter)) if isinstance(image, (str, os.PathLike))
+           else to_rgb_array(image))
+    probs, info = predict_batch([rgb], segmenter, threshold, two_pass)[0]
     verdict = assess(segmenter.reliability, probs, info, threshold)
     return Segmentation(probs >= threshold, probs, bool(info and info.second_pass), verdict["reliability"],
                         verdict["review"], info)
@@ -224,6 +263,12 @@ def segment(image: ImageLike, weights: str | os.PathLike = "scsonet-isic2017", t
     return segment_image(image, weights, threshold, tta, device, two_pass).mask
 
 
+def _draft_size(segmenter: Segmenter) -> tuple[int, int]:
+    """The reduced decode's minimum (height, width): twice the model's input, so that pass 1
+    resizes down (antialiased) and the preview overlay is about PREVIEW_SIDE wide."""
+    return (2 * segmenter.input_size[0], 2 * segmenter.input_size[1])
+
+
 def _output_paths(out_dir: Path, stem: str, save_probabilities: Optional[str]) -> dict[str, Path]:
     paths = {"mask": out_dir / f"{stem}_mask.png", "overlay": out_dir / f"{stem}_overlay.png"}
     if save_probabilities:
@@ -231,8 +276,8 @@ def _output_paths(out_dir: Path, stem: str, save_probabilities: Optional[str]) -
     return paths
 
 
-def _write_outputs(paths: dict[str, Path], rgb: np.ndarray, probs: np.ndarray, mask: np.ndarray,
-                   verdict: dict[str, Any]) -> None:
+def _write_outputs(paths: dict[str, Path], rgb: np.ndarray | LazyImage, probs: np.ndarray, mask: np.ndarray,
+                   verdict: dict[str, Any], overlay_side: Optional[int] = None) -> None:
     if "probabilities" in paths:
         with atomic_path(paths["probabilities"]) as tmp:
             if paths["probabilities"].suffix == ".npy":
@@ -243,8 +288,19 @@ def _write_outputs(paths: dict[str, Path], rgb: np.ndarray, probs: np.ndarray, m
     with atomic_path(paths["mask"]) as tmp:
         Image.fromarray(mask.astype(np.uint8) * 255).save(tmp, format="PNG")
     with atomic_path(paths["overlay"]) as tmp:
-        overlay = draw_overlay(rgb, mask, bool(verdict["review"]), verdict["reliability"])
+        picture = _overlay_picture(rgb, overlay_side)
+        if picture.shape[:2] != mask.shape:  # the outline drawn on the preview: the mask shrunk to it
+            mask = np.asarray(Image.fromarray(mask).resize((picture.shape[1], picture.shape[0]), Image.NEAREST))
+        overlay = draw_overlay(picture, mask, bool(verdict["review"]), verdict["reliability"])
         overlay.save(tmp, format="PNG", compress_level=1)  # 3x faster than 6, 40% larger
+
+
+def _overlay_picture(rgb: np.ndarray | LazyImage, side: Optional[int]) -> np.ndarray:
+    from .imageio import shrink_to
+
+    if isinstance(rgb, LazyImage):
+        return rgb.preview(side)
+    return rgb if side is None else shrink_to(rgb, side)
 
 
 def _error_row(file: str, message: str) -> dict[str, Any]:
@@ -385,12 +441,12 @@ def _write_results(journal: _Journal, settings: dict[str, Any], first: Sequence[
         raise ScsonetError(f"cannot write results.csv/json in {out_dir} ({err.strerror or err})") from None
 
 
-def _segment_and_save(path: Path, outputs: dict[str, Path], rgb: np.ndarray, probs: np.ndarray,
+def _segment_and_save(path: Path, outputs: dict[str, Path], rgb: np.ndarray | LazyImage, probs: np.ndarray,
                       info: Optional[TwoPassInfo], threshold: float,
-                      reliability: Optional[ReliabilityModel]) -> dict[str, Any]:
+                      reliability: Optional[ReliabilityModel], overlay_side: Optional[int]) -> dict[str, Any]:
     mask = probs >= threshold
     verdict = assess(reliability, probs, info, threshold)
-    _write_outputs(outputs, rgb, probs, mask, verdict)
+    _write_outputs(outputs, rgb, probs, mask, verdict, overlay_side)
     return {"file": str(path), "status": "ok", "error": "", **summarize(probs, mask).to_dict(),
             "two_pass": bool(info and info.second_pass), **verdict}
 
@@ -409,12 +465,15 @@ def predict_files(inputs: Sequence[str | os.PathLike], segmenter: Segmenter, out
                   threshold: float = 0.5, batch_size: int = 8, save_probabilities: Optional[str] = None,
                   skip_existing: bool = False, progress: bool = True,
                   settings: Optional[dict[str, Any]] = None, two_pass: bool = False,
-                  reliability: Optional[ReliabilityModel] = None) -> PredictRows:
+                  reliability: Optional[ReliabilityModel] = None,
+                  overlay_side: Optional[int] = PREVIEW_SIDE) -> PredictRows:
     """Segment image files, folders and globs; write masks, overlays and ``results.{jsonl,json,csv}``.
 
     Per image in ``out_dir``: ``<stem>_mask.png`` (0/255), ``<stem>_overlay.png`` (outline, or a
     "no lesion found" label) and, with ``save_probabilities`` ("png" 0..255 or "npy" float32),
-    ``<stem>_prob.<ext>``, each written atomically. With ``two_pass`` (``scsonet predict``'s default;
+    ``<stem>_prob.<ext>``, each written atomically. The mask (and probabilities) are at the image's
+    size; the overlay's longest side is at most ``overlay_side`` (None: full size). A big JPEG is
+    decoded at a reduced size for pass 1 and the overlay, and in full only for a second pass. With ``two_pass`` (``scsonet predict``'s default;
     off here, as before it existed), a lesion small in the frame gets a second pass on a crop
     (``scsonet.twopass``). With a ``reliability`` model, each row gets ``reliability`` and
     ``review``, and a reviewed image's overlay an amber "REVIEW" banner. A bad input of any kind (unreadable, truncated,
@@ -456,6 +515,8 @@ def predict_files(inputs: Sequence[str | os.PathLike], segmenter: Segmenter, out
         settings["two_pass"] = True
     if reliability is not None:
         settings["reliability"] = reliability_setting(reliability, two_pass)
+    if overlay_side is None:
+        settings["full_overlay"] = True
     journal = _open_out_dir(out_dir)
     rows: dict[str, dict[str, Any]] = {}  # by file, filled in any order, returned in input order
 
@@ -508,12 +569,12 @@ def predict_files(inputs: Sequence[str | os.PathLike], segmenter: Segmenter, out
             chunk = todo[start:start + batch_size]
             batch = []
             for path, outputs in chunk:
-                rgb = _read_or_fail(path, fail)
+                rgb = _read_or_fail(path, fail, _draft_size(segmenter))
                 if rgb is not None:
                     batch.append((path, outputs, rgb))
             for (path, outputs, rgb), (probs, info) in _predict_or_fail(batch, segmenter, fail, threshold, two_pass):
                 try:
-                    row = _segment_and_save(path, outputs, rgb, probs, info, threshold, reliability)
+                    row = _segment_and_save(path, outputs, rgb, probs, info, threshold, reliability, overlay_side)
                 except OSError as err:
                     fail(str(path), f"{path}: cannot write its outputs in {out_dir} ({err})")
                     continue
@@ -540,9 +601,9 @@ def predict_files(inputs: Sequence[str | os.PathLike], segmenter: Segmenter, out
     return result
 
 
-def _read_or_fail(path: Path, fail) -> Optional[np.ndarray]:
+def _read_or_fail(path: Path, fail, draft: tuple[int, int]) -> Optional[LazyImage]:
     try:
-        return read_image(path)
+        return read_draft(path, draft)
     except ScsonetError as err:
         fail(str(path), str(err))
     except Exception as err:  # a hostile file can trip any Pillow plugin; it must not stop the run

@@ -20,7 +20,10 @@ REVIEW_COLOR = (255, 176, 0)  # amber banner of an outline to review: unlike the
 
 
 def resize_image(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """(H, W, 3) uint8 -> ``size`` = (height, width), bilinear (antialiased when shrinking)."""
+    """(H, W, 3) uint8 -> ``size`` = (height, width), bilinear (antialiased when shrinking). A
+    ``scsonet.imageio.LazyImage`` is resized from its reduced decode (no full decode)."""
+    if hasattr(rgb, "resized"):
+        return rgb.resized(size)
     if rgb.shape[:2] == tuple(size):
         return rgb
     return np.asarray(Image.fromarray(rgb).resize((size[1], size[0]), Image.BILINEAR))

@@ -21,12 +21,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Packages of the ``scsonet[torch]`` extra, and what each command needs them for (the base install
+# segments with ONNX Runtime only).
+TORCH_EXTRA = {"torch", "torchvision", "safetensors", "scipy", "thop"}
+NEEDS_TORCH = {"train": "training", "evaluate": "evaluation", "export": "export", "complexity": "counting MACs",
+               "benchmark": "benchmarking", "data": "data preparation", "weights": "the weights commands",
+               "models": "the model registry", "predict": "--backend torch"}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         status = args.func(args)
     except ScsonetError as err:
         print(f"scsonet {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as err:
+        if (err.name or "").split(".")[0] not in TORCH_EXTRA:
+            raise
+        what = NEEDS_TORCH.get(args.command, f"scsonet {args.command}")
+        print(f"scsonet {args.command}: error: {what} needs PyTorch: pip install 'scsonet[torch]' "
+              f"(no module {err.name!r})", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"scsonet {args.command}: interrupted", file=sys.stderr)

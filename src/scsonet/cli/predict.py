@@ -25,8 +25,10 @@ def register(subparsers) -> None:
     p.add_argument("--weights", default="scsonet-isic2017",
                    help="pretrained name, training checkpoint (.pt) or .safetensors with its card (scsonet-isic2017)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (auto)")
-    p.add_argument("--backend", choices=["torch", "onnxruntime"], default="torch",
-                   help="torch, or onnxruntime with --weights MODEL.onnx from `scsonet export` (no PyTorch needed) (torch)")
+    p.add_argument("--backend", choices=["auto", "torch", "onnxruntime"], default="auto",
+                   help="torch; onnxruntime (no PyTorch needed) with --weights MODEL.onnx from `scsonet export` or a "
+                        "pretrained name (its shipped export); auto: onnxruntime for an .onnx file or when "
+                        "PyTorch is not installed, else torch (auto)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads of the onnxruntime backend (one per core)")
     p.add_argument("--threshold", type=float, default=0.5, help="probability at or above which a pixel is lesion (0.5)")
     p.add_argument("--tta", action="store_true", help="average over horizontal and vertical flips (4 passes)")
@@ -38,16 +40,22 @@ def register(subparsers) -> None:
                    help="also write <stem>_prob.png (0..255) or, with 'npy', float32 <stem>_prob.npy")
     p.add_argument("--continue", dest="skip_existing", action="store_true",
                    help="skip images that an earlier (or interrupted) run with the same settings finished in --out")
+    p.add_argument("--full-overlay", action="store_true",
+                   help="write the overlay at the image's full size (default: longest side at most 1024; "
+                        "the mask is always full size)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from ..inference import predict_files, sample_images
+    from ..inference import PREVIEW_SIDE, predict_files, sample_images, torch_available
 
     inputs = [*args.inputs, *(sample_images() if args.samples else [])]
     if not inputs:
         raise ScsonetError("no inputs: name image files, folders or glob patterns, or pass --samples")
+    if args.backend == "auto":
+        args.backend = ("onnxruntime" if Path(args.weights).suffix == ".onnx" or not torch_available()
+                        else "torch")
     if args.backend == "onnxruntime":
         segmenter, source = _onnxruntime_segmenter(args)
     else:
@@ -58,7 +66,8 @@ def run(args) -> int:
                              save_probabilities=args.save_probabilities, skip_existing=args.skip_existing,
                              progress=not args.quiet,
                              settings={"backend": args.backend, "weights": source, "tta": args.tta},
-                             two_pass=args.two_pass, reliability=getattr(segmenter, "reliability", None))
+                             two_pass=args.two_pass, reliability=getattr(segmenter, "reliability", None),
+                             overlay_side=None if args.full_overlay else PREVIEW_SIDE)
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
@@ -101,9 +110,13 @@ def _onnxruntime_segmenter(args):
         from ..onnx_runtime import OrtSegmenter
     except ImportError as err:
         raise ScsonetError(f"--backend onnxruntime needs the onnxruntime package ({err})") from None
-    if Path(args.weights).suffix != ".onnx":
-        raise ScsonetError(f"--backend onnxruntime needs --weights MODEL.onnx (from `scsonet export`), "
-                           f"not {args.weights!r}")
+    from ..inference import SHIPPED_ONNX, shipped_onnx
+
+    model = Path(args.weights) if Path(args.weights).suffix == ".onnx" else shipped_onnx(args.weights)
+    if model is None:
+        raise ScsonetError(f"--backend onnxruntime needs --weights MODEL.onnx (from `scsonet export`) or "
+                           f"{', '.join(SHIPPED_ONNX)}, not {args.weights!r}")
     if args.device not in ("auto", "cpu"):
         raise ScsonetError(f"--backend onnxruntime runs on the CPU; --device {args.device} is not supported")
-    return OrtSegmenter(args.weights, threads=args.threads, tta=args.tta), str(args.weights)
+    # A pretrained name is recorded as given, as the torch backend records it.
+    return OrtSegmenter(model, threads=args.threads, tta=args.tta), str(args.weights)
