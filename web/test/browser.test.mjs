@@ -238,6 +238,32 @@ async function main() {
     await phone.page.screenshot({ path: path.join(SHOTS, 'phone.png'), fullPage: true });
     await phone.page.close();
 
+    // A model whose embedded reliability model is invalid (its format name changed, same length): the
+    // page says so, outlines all the same, and marks nothing. A context of its own: no service worker.
+    // With ?twopass=0 also: the second pass is off, as `scsonet predict --no-two-pass`.
+    const plain = await h.browser.createBrowserContext();
+    const model = fs.readFileSync(path.join(WEB, 'dist/model/scsonet.onnx'));
+    const at = model.indexOf('scsonet-reliability-v1');
+    const broken = Buffer.from(model);
+    broken.write('scsonet-reliability-v9', at);
+    const bad = await openPage(plain, { before: async (p) => {
+      await p.setRequestInterception(true);
+      p.on('request', (r) => (r.url().endsWith('/model/scsonet.onnx')
+        ? r.respond({ status: 200, contentType: 'application/octet-stream', body: broken }) : r.continue()));
+    } });
+    await bad.page.goto(`${h.url}?twopass=0`);
+    await waitState(bad.page, ['ready', 'error'], 120_000);
+    const warning = await bad.page.$eval('#error', (e) => (e.hidden ? '' : e.textContent));
+    check('an invalid reliability model in the ONNX metadata: the page says so and does not use it',
+      at > 0 && /reliability model is invalid.*expected format/.test(warning), warning || 'no message');
+    const state = await upload(bad.page, inputs.small);
+    const shown = await bad.page.evaluate(() => ({ ...document.getElementById('result').dataset,
+      text: document.getElementById('reliability').textContent, hidden: document.getElementById('review').hidden }));
+    check('... it outlines all the same, with no score and no review mark', state === 'done' && shown.reliability === '' &&
+      shown.hidden && /not available/.test(shown.text), shown.text);
+    check('?twopass=0: no second pass', shown.twoPassReason === 'off' && shown.twoPass === '', shown.twoPassReason);
+    await plain.close();
+
     // A browser without WebAssembly.
     const nowasm = await openPage(h.context, { before: (p) => p.evaluateOnNewDocument(() => { delete globalThis.WebAssembly; }) });
     await nowasm.page.goto(h.url);
