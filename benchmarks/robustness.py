@@ -210,6 +210,29 @@ def format_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def compare_markdown(reports: dict[str, dict[str, Any]]) -> str:
+    """One table of several saved reports side by side (``--compare``): per row, each column's
+    pooled DSC and failure rate; a column is LABEL (a report with one weights) or LABEL WEIGHTS."""
+    first = next(iter(reports.values()))
+    columns = []  # (title, rows of one weights)
+    for label, report in reports.items():
+        if report["split"] != first["split"] or report["ids"] != first["ids"] or report["seed"] != first["seed"]:
+            raise ScsonetError(f"--compare {label}: another split, image set or seed than the first report")
+        for weights, rows in report["rows"].items():
+            columns.append((label if len(report["rows"]) == 1 else f"{label} {weights}", rows))
+    head = "| row | images | " + " | ".join(f"{t} pooled DSC | {t} Dice < 0.5" for t, _ in columns) + " |"
+    names = [(s["name"], s["label"]) for s in first["shifts"]] + \
+            [(f"band {name}", f"lesion {name} of the image (unshifted)") for name, *_ in SIZE_BANDS]
+    lines = [head, "| --- | ---: | " + " | ".join("---: | ---:" for _ in columns) + " |"]
+    for name, title in names:
+        if any(name not in rows for _, rows in columns):
+            raise ScsonetError(f"--compare: row {name!r} is missing from a report")
+        cells = [f"{_pct(rows[name]['pooled_dsc'], 2)} | {_pct(rows[name]['failure_rate'])} % ({rows[name]['failures']})"
+                 for _, rows in columns]
+        lines.append(f"| {title} | {columns[0][1][name]['n']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def format_csv(report: dict[str, Any]) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
@@ -221,24 +244,31 @@ def format_csv(report: dict[str, Any]) -> str:
     return buffer.getvalue()
 
 
-def _parse_weights(specs: list[str]) -> dict[str, str]:
+def _read_report(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ScsonetError(f"cannot read the saved report {path} ({err})") from None
+
+
+def _parse_weights(specs: list[str], option: str = "--weights") -> dict[str, str]:
     out: dict[str, str] = {}
     for spec in specs:
         label, sep, weights = spec.partition("=")
         label, weights = (label, weights) if sep else (spec, spec)
         if not label or not weights or label in out:
-            raise ScsonetError(f"--weights {spec!r}: give WEIGHTS or LABEL=WEIGHTS, each label once")
+            raise ScsonetError(f"{option} {spec!r}: give VALUE or LABEL=VALUE, each label once")
         out[label] = weights
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--weights", action="append", required=True,
+    p.add_argument("--weights", action="append", default=None,
                    help="weights name, .pt or .safetensors, optionally LABEL=WEIGHTS; repeat to compare")
     p.add_argument("--data", type=Path, default=Path("data/isic2017"), help="prepared dataset (data/isic2017)")
     p.add_argument("--split", default="test", choices=["train", "val", "test"], help="split (test)")
-    p.add_argument("--out", type=Path, required=True, help="Markdown file to write; .json and .csv beside it")
+    p.add_argument("--out", type=Path, default=None, help="Markdown file to write; .json and .csv beside it")
     p.add_argument("--shifts", default=None, help="comma-separated shift names (all of scsonet.shifts.STANDARD_SHIFTS)")
     p.add_argument("--seed", type=int, default=0, help="seed of the shifts' draws (0)")
     p.add_argument("--threshold", type=float, default=0.5, help="probability at or above which a pixel is lesion (0.5)")
@@ -252,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit", type=int, default=None, help="only the first N images of the split (all)")
     p.add_argument("--render", action="store_true",
                    help="only rewrite OUT and its .csv from its saved .json (after a change of format; no predictions)")
+    p.add_argument("--compare", action="append", default=None, metavar="LABEL=FILE.json",
+                   help="only print one Markdown table of saved reports side by side (repeat; no predictions)")
     return run_script("robustness.py", _run, p.parse_args(argv), argv)
 
 
@@ -267,15 +299,18 @@ def run_script(name: str, run: Callable[[argparse.Namespace, list[str] | None], 
 
 def _run(args, argv: list[str] | None) -> int:
     started, started_cpu = time.perf_counter(), time.process_time()
+    if args.compare:
+        print(compare_markdown({label: _read_report(Path(path)) for label, path in
+                                _parse_weights(args.compare, "--compare").items()}), end="")
+        return 0
     if not 0.0 < args.threshold < 1.0:
         raise ScsonetError(f"--threshold {args.threshold} must lie strictly between 0 and 1")
+    if args.out is None or (args.weights is None and not args.render):
+        raise ScsonetError("give --weights and --out (or --out with --render, or --compare)")
     if args.out.suffix != ".md":
         raise ScsonetError(f"--out {args.out} must name a .md file")
     if args.render:
-        try:
-            report = json.loads(args.out.with_suffix(".json").read_text())
-        except (OSError, ValueError) as err:
-            raise ScsonetError(f"--render: cannot read {args.out.with_suffix('.json')} ({err})") from None
+        report = _read_report(args.out.with_suffix(".json"))
         for entry in report["shifts"]:  # labels and descriptions as the code now words them; figures unchanged
             shift = get_shifts([entry["name"]])[0]
             entry.update(label=shift.label, description=shift.description)

@@ -6,7 +6,10 @@ A block ``<!-- BEGIN GENERATED: scsonet ARGS -->`` ... ``<!-- END GENERATED -->`
 output (timings vary from run to run, so they are re-measured by hand and saved, never typed);
 ``<!-- BEGIN STUDY: SPEC -->`` ... ``<!-- END STUDY -->`` holds a study's summary rebuilt from its
 committed run records (what ``scsonet benchmark --study SPEC --no-train`` writes to ``summary.md``,
-with links relative to the README).
+with links relative to the README); ``<!-- BEGIN SCRIPT: PATH ARGS -->`` ... ``<!-- END SCRIPT -->`` holds
+what the committed script PATH (under benchmarks/ or scripts/) prints with ARGS, run from the
+repository root; such a command must only read committed files (e.g. ``benchmarks/robustness.py
+--compare`` renders saved reports), never run a model.
 ``--check`` exits 1 when README.md differs from what the commands print now.
 """
 from __future__ import annotations
@@ -21,7 +24,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-BLOCK = re.compile(r"(<!-- BEGIN (GENERATED|FILE|STUDY): (.+?) -->\n)(.*?)(<!-- END \2 -->)", re.S)
+BLOCK = re.compile(r"(<!-- BEGIN (GENERATED|FILE|STUDY|SCRIPT): (.+?) -->\n)(.*?)(<!-- END \2 -->)", re.S)
 
 
 def _scsonet_output(command: str) -> str:
@@ -33,6 +36,28 @@ def _scsonet_output(command: str) -> str:
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         status = main(args[1:])
+    if status:
+        raise SystemExit(f"{command!r} exited {status}")
+    return out.getvalue().strip()
+
+
+def _script_output(command: str) -> str:
+    """What ``main(ARGS)`` of the committed script prints, run in this process from the root."""
+    import importlib.util
+
+    path, *args = shlex.split(command)
+    if Path(path).parts[0] not in ("benchmarks", "scripts") or not (ROOT / path).is_file():
+        raise SystemExit(f"script block must name a script under benchmarks/ or scripts/, got {path!r}")
+    spec = importlib.util.spec_from_file_location(f"_readme_{Path(path).stem}", ROOT / path)
+    module = importlib.util.module_from_spec(spec)
+    out, cwd = io.StringIO(), os.getcwd()
+    os.chdir(ROOT)  # its arguments' paths are relative to the repository root
+    try:
+        spec.loader.exec_module(module)
+        with contextlib.redirect_stdout(out):
+            status = module.main(args)
+    finally:
+        os.chdir(cwd)
     if status:
         raise SystemExit(f"{command!r} exited {status}")
     return out.getvalue().strip()
@@ -56,6 +81,8 @@ def render(text: str) -> str:
         begin, kind, arg, _, end = match.groups()
         if kind == "STUDY":
             return f"{begin}{_study_summary(arg)}\n{end}"
+        if kind == "SCRIPT":
+            return f"{begin}{_script_output(arg)}\n{end}"
         body = _scsonet_output(arg) if kind == "GENERATED" else (ROOT / arg).read_text().strip()
         if kind == "GENERATED" and not body.startswith("|"):
             body = f"```text\n{body}\n```"

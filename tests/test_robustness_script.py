@@ -121,3 +121,31 @@ def test_default_predictor_is_the_predict_path_and_bad_options_fail_cleanly(prep
         assert script.main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert needle in err and "\n" not in err
+
+
+def test_compare_renders_saved_reports_side_by_side_for_the_readme(prepared, tmp_path, capsys):
+    script = _script()
+    (tmp_path / "hook.py").write_text(PREDICTOR_FILE)
+    common = ["--data", str(prepared), "--split", "test", "--predictor", f"{tmp_path / 'hook.py'}:make",
+              "--shifts", "none,darker", "--device", "cpu"]
+    assert script.main(["--weights", "w", "--out", str(tmp_path / "a.md"), *common]) == 0
+    assert script.main(["--weights", "w", "--out", str(tmp_path / "b.md"), "--limit", "3", *common]) == 0
+    capsys.readouterr()
+    argv = ["--compare", f"one pass={tmp_path / 'a.json'}", "--compare", f"again={tmp_path / 'a.json'}"]
+    assert script.main(argv) == 0
+    table = capsys.readouterr().out
+    lines = table.splitlines()
+    assert lines[0] == "| row | images | one pass pooled DSC | one pass Dice < 0.5 | again pooled DSC | again Dice < 0.5 |"
+    assert lines[2] == "| as prepared | 8 | 100.00 | 0.0 % (0) | 100.00 | 0.0 % (0) |"
+    assert lines[3].startswith("| darker") and lines[3].endswith("| 0.00 | 100.0 % (8) |")
+    assert len(lines) == 2 + 2 + 4  # the shifts, then the four size bands
+    # the README's generated block runs the same command and prints the same table
+    spec = importlib.util.spec_from_file_location("update_readme", ROOT / "scripts" / "update_readme.py")
+    readme = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(readme)
+    block = f"<!-- BEGIN SCRIPT: benchmarks/robustness.py {' '.join(map(repr, argv))} -->\nstale\n<!-- END SCRIPT -->"
+    assert readme.render(block) == block.replace("stale\n", table)
+    assert script.main(["--compare", f"a={tmp_path / 'a.json'}", "--compare", f"b={tmp_path / 'b.json'}"]) == 2
+    assert "another split, image set or seed" in capsys.readouterr().err  # never compare unlike image sets
+    assert script.main(["--compare", f"a={tmp_path / 'nope.json'}"]) == 2
+    assert "nope.json" in capsys.readouterr().err
