@@ -20,6 +20,7 @@ def test_enum_names_are_upper_case_with_default():
     assert names and all(n == n.upper() for n in names)
     assert SCSONet_Weights.DEFAULT is SCSONet_Weights.ISIC2017_V1
     assert SCSONet_Weights.verify("ISIC2017_V1") is SCSONet_Weights.ISIC2017_V1
+    assert SCSONet_Weights.verify("scsonet-isic2017") is SCSONet_Weights.ISIC2017_V1  # the pretrained name too
     with pytest.raises(ScsonetError, match="unknown weights"):
         SCSONet_Weights.verify("imagenet")
 
@@ -30,6 +31,7 @@ def test_card_schema_matches_the_weights(name):
     meta = weights.meta
     assert [k for k in REQUIRED_META if k not in meta] == []
     model = create_model(meta["arch"], weights=weights)
+    assert (meta["first_conv"], meta["classifier"]) == (model.first_conv_name, model.classifier_name)
     assert meta["num_params"] == sum(p.numel() for p in model.parameters())
     assert meta["protocol"] == "honest" and meta["recipe"]["selected_on"] == "val"
     report = meta["_metrics"]["ISIC2017-test"]

@@ -16,6 +16,7 @@ _LAZY = {
     "SCSONet_Weights": "scsonet.models",
     "create_model": "scsonet.models",
     "list_models": "scsonet.models",
+    "list_pretrained": "scsonet.models",
     "load_model": "scsonet.models",
     "load_pretrained": "scsonet.models",
     "segment": "scsonet.inference",

@@ -61,8 +61,9 @@ def pack_weights(checkpoint: str | Path, data: str | Path, out: str | Path, *, d
         "threshold": threshold,
         "protocol": ckpt.get("protocol"),
         "license": LICENSE,
-        "first_conv": "encoder.0.block",
-        "classifier": "segmentation_head",
+        # Read by create_model(weights=...) to adapt in_chans and to reset the head (models/_builder.py).
+        "first_conv": model.first_conv_name,
+        "classifier": model.classifier_name,
         "recipe": {"config": config, "protocol": ckpt.get("protocol"), "selected_on": loaded.meta.get("select_split"),
                    "best_epoch": ckpt["epoch"] + 1, "best_select_dsc": ckpt.get("best_val_dsc"),
                    "trained_at_commit": trained_at_commit},

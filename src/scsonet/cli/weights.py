@@ -1,4 +1,4 @@
-"""``scsonet weights``: pack a checkpoint into shipped weights with a model card, or show a card."""
+"""``scsonet weights``: pack a checkpoint into shipped weights with a model card, list or show them."""
 from __future__ import annotations
 
 import json
@@ -6,7 +6,7 @@ import textwrap
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("weights", help="pack or show pretrained weights and their model card")
+    p = subparsers.add_parser("weights", help="pack, list or show pretrained weights and their model card")
     sub = p.add_subparsers(dest="weights_command", metavar="ACTION", required=True)
     pack = sub.add_parser("pack", help="checkpoint -> .safetensors + card, evaluated on the test split",
                           description="Pack a training checkpoint (or the best by val DSC of several runs) into "
@@ -23,6 +23,12 @@ def register(subparsers) -> None:
     pack.add_argument("--trained-at-commit", help="commit of the code that trained the checkpoint")
     pack.add_argument("--docs", default="", help="one paragraph: split, seed, epochs, anything unusual")
     pack.set_defaults(func=run_pack)
+    listing = sub.add_parser("list", help="list the pretrained weights and whether each is installed",
+                             description="List every declared pretrained name (what --weights, load_pretrained "
+                                         "and create_model(name, weights=...) take), its model and weights enum "
+                                         "member, whether its file and card are installed, and its test DSC.")
+    listing.add_argument("--json", action="store_true", help="print JSON")
+    listing.set_defaults(func=run_list)
     show = sub.add_parser("show", help="print a pretrained model card",
                           description="Print a pretrained model card as a short summary: architecture, "
                                       "parameters, preprocessing, protocol, test metrics and how the weights "
@@ -47,6 +53,34 @@ def run_pack(args) -> int:
     card = pack_weights(checkpoint, args.data, args.out, dataset_name=args.dataset_name,
                         trained_at_commit=args.trained_at_commit, docs=docs)
     print(card["_metrics_text"])
+    return 0
+
+
+def pretrained_rows() -> list[dict]:
+    """One row per declared pretrained name: model, enum member, installed, test DSC of its card."""
+    from ..models._weights import declared_weights
+
+    rows = []
+    for name, member in sorted(declared_weights().items()):
+        installed = member.value.installed
+        metrics = member.meta.get("_metrics", {}) if installed else {}
+        split, report = next(iter(metrics.items()), (None, {}))
+        rows.append({"name": name, "model": member.value.arch, "weights": f"{type(member).__name__}.{member.name}",
+                     "installed": installed, "split": split, "dsc": report.get("pooled", {}).get("dsc")})
+    return rows
+
+
+def run_list(args) -> int:
+    rows = pretrained_rows()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    table = [("name", "model", "weights", "installed", "test DSC")]
+    table += [(r["name"], r["model"], r["weights"], "yes" if r["installed"] else "no",
+               f"{100 * r['dsc']:.2f} % ({r['split']})" if r["dsc"] is not None else "-") for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    for row in table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
     return 0
 
 

@@ -13,8 +13,6 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Iterator
 
-import torch.nn as nn
-
 from ..errors import ScsonetError
 from ..transforms import SegmentationPreset
 
@@ -66,15 +64,31 @@ class WeightsEnum(Enum):
 
     @classmethod
     def verify(cls, obj):
-        """Turn a member, its name (``'ISIC2017_V1'``) or None into a member or None."""
+        """Turn a member, its name (``'ISIC2017_V1'``, ``'DEFAULT'``), its pretrained name
+        (``'scsonet-isic2017'``) or None into a member or None."""
         if obj is None or isinstance(obj, cls):
             return obj
-        if isinstance(obj, str):
-            key = obj.split(".")[-1].upper().replace("-", "_")
-            if key in cls.__members__:
-                return cls[key]
-            raise ScsonetError(f"unknown weights {obj!r} for {cls.__name__}; choose from {list(cls.__members__)}")
-        raise TypeError(f"weights must be a {cls.__name__}, a name or None, not {type(obj).__name__}")
+        arch = next(iter(cls)).value.arch
+        if isinstance(obj, WeightsEnum):  # a member of another architecture's enum
+            raise ScsonetError(f"weights {type(obj).__name__}.{obj.name} are for {obj.value.arch}, not {arch}")
+        if not isinstance(obj, str):
+            raise TypeError(f"weights must be a {cls.__name__}, a name or None, not {type(obj).__name__}")
+        declared = declared_weights()
+        if obj in declared:
+            member = declared[obj]
+            if not isinstance(member, cls):
+                raise ScsonetError(f"weights {obj!r} are for {member.value.arch}, not {arch}")
+            return member
+        key = obj.split(".")[-1].upper().replace("-", "_")  # also 'SCSONet_Weights.ISIC2017_V1', as torchvision takes
+        if key in cls.__members__:
+            return cls[key]
+        names = [*cls.__members__, *(n for n, m in declared.items() if isinstance(m, cls))]
+        raise ScsonetError(f"unknown weights {obj!r} for {arch}; choose from {', '.join(names)}")
+
+    @property
+    def pretrained_name(self) -> str:
+        """``<arch>-<dataset>``, the name ``load_pretrained`` and ``--weights`` take."""
+        return f"{self.value.arch}-{self.name.rsplit('_', 1)[0].lower()}"
 
     @property
     def meta(self) -> dict[str, Any]:
@@ -87,25 +101,6 @@ class WeightsEnum(Enum):
     @property
     def path(self) -> Path:
         return self.value.path
-
-    def override_model_args(self, kwargs: dict[str, Any]) -> dict[str, Any]:
-        """Model arguments from the card; a conflicting caller value is an error."""
-        merged = dict(kwargs)
-        for key, value in self.meta.get("model_args", {}).items():
-            if key in kwargs and kwargs[key] != value:
-                raise ScsonetError(f"weights {self.name} need {key}={value!r}, got {kwargs[key]!r}")
-            merged[key] = value
-        return merged
-
-
-def load_weights_into(model: nn.Module, weights: WeightsEnum) -> None:
-    """Load a weights member's safetensors file into ``model`` (strict)."""
-    from safetensors.torch import load_file
-
-    path = weights.path
-    if not path.exists():
-        raise ScsonetError(f"weights file {path} is missing from the installed package")
-    model.load_state_dict(load_file(str(path)), strict=True)
 
 
 class SCSONet_Weights(WeightsEnum):
@@ -139,7 +134,7 @@ def declared_weights() -> dict[str, WeightsEnum]:
     names = {}
     for enum in WEIGHTS_ENUMS:
         for member in enum:  # iteration skips aliases such as DEFAULT
-            names[f"{member.value.arch}-{member.name.rsplit('_', 1)[0].lower()}"] = member
+            names[member.pretrained_name] = member
     return names
 
 
@@ -163,3 +158,21 @@ class InstalledWeights(Mapping):
         """The names for an error message: installed ones, then those declared but not installed."""
         missing = [name for name in declared_weights() if name not in self]
         return ", ".join(self) + (f"; not installed: {', '.join(missing)}" if missing else "")
+
+
+def list_pretrained(filter: str = "", *, include_missing: bool = False) -> list[str]:
+    """Pretrained names (``load_pretrained``, ``--weights``, ``create_model(weights=...)``), sorted.
+
+    Only the installed ones unless ``include_missing``; ``filter`` is an fnmatch pattern."""
+    import fnmatch
+
+    names = sorted(declared_weights() if include_missing else InstalledWeights())
+    return [n for n in names if fnmatch.fnmatch(n, filter)] if filter else names
+
+
+def get_model_weights(name: str) -> type[WeightsEnum] | None:
+    """The weights enum of a registered model name (``'scsonet'`` -> ``SCSONet_Weights``), None if it has none."""
+    from ._registry import model_entrypoint
+
+    model_entrypoint(name)  # an unknown name is an error that lists the registered ones
+    return next((e for e in WEIGHTS_ENUMS if e.DEFAULT.value.arch == name), None)

@@ -25,7 +25,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..layers import LayerType, get_act_layer
+from ._builder import build_with_weights
 from ._registry import register_model
+from ._weights import EGEUNet_Weights
 from .scsonet import _DecoderStage, _EncoderStage, _run_stages, pad_to_multiple
 
 __all__ = ["EGEUNet", "EGEUNET_AUX_WEIGHTS", "deep_supervision_loss"]
@@ -163,6 +165,9 @@ class EGEUNet(nn.Module):
     """
 
     pad_multiple = 32
+    # Layer names for the model card (timm's first_conv / classifier): loading adapts them.
+    first_conv_name = "encoder.0.block"
+    classifier_name = "segmentation_head"
     aux_weights = EGEUNET_AUX_WEIGHTS
 
     def __init__(
@@ -229,12 +234,13 @@ class EGEUNet(nn.Module):
         return logits[..., :h, :w]
 
 
-def _create_egeunet(**kwargs) -> EGEUNet:
-    return EGEUNet(**kwargs)
+def _create_egeunet(weights: EGEUNet_Weights | str | None = None, reset_head: bool = False, **kwargs) -> EGEUNet:
+    return build_with_weights(EGEUNet, EGEUNet_Weights, weights, kwargs, reset_head)
 
 
 @register_model
-def egeunet(**kwargs) -> EGEUNet:
+def egeunet(*, weights: EGEUNet_Weights | str | None = None, reset_head: bool = False, **kwargs) -> EGEUNet:
     """EGE-UNet from `EGE-UNet: an Efficient Group Enhanced UNet for skin lesion segmentation
-    <https://arxiv.org/abs/2307.08473>`__ (0.053 M parameters)."""
-    return _create_egeunet(**kwargs)
+    <https://arxiv.org/abs/2307.08473>`__ (0.053 M parameters); ``weights`` and ``reset_head`` as in
+    ``scsonet`` (the side-output heads stay pretrained: they have one channel whatever ``num_classes``)."""
+    return _create_egeunet(weights, reset_head, **kwargs)

@@ -18,7 +18,9 @@ import torch
 import torch.nn as nn
 
 from ..layers import LayerType, get_act_layer
+from ._builder import build_with_weights
 from ._registry import register_model
+from ._weights import MALUNet_Weights
 from .scsonet import SCSONet
 
 __all__ = ["MALUNet"]
@@ -195,12 +197,13 @@ class MALUNet(SCSONet):
         )
 
 
-def _create_malunet(**kwargs) -> MALUNet:
-    return MALUNet(**kwargs)
+def _create_malunet(weights: MALUNet_Weights | str | None = None, reset_head: bool = False, **kwargs) -> MALUNet:
+    return build_with_weights(MALUNet, MALUNet_Weights, weights, kwargs, reset_head)
 
 
 @register_model
-def malunet(**kwargs) -> MALUNet:
+def malunet(*, weights: MALUNet_Weights | str | None = None, reset_head: bool = False, **kwargs) -> MALUNet:
     """MALUNet from `MALUNet: A Multi-Attention and Light-weight UNet for Skin Lesion Segmentation
-    <https://arxiv.org/abs/2211.01784>`__ (0.178 M parameters)."""
-    return _create_malunet(**kwargs)
+    <https://arxiv.org/abs/2211.01784>`__ (0.178 M parameters); ``weights`` and ``reset_head`` as in
+    ``scsonet``."""
+    return _create_malunet(weights, reset_head, **kwargs)

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 
 from ..layers import LayerType, ODConv2d, SCAttentionBridge, SCFBlock, get_act_layer
 from ._registry import register_model
-from ._weights import SCSONet_Weights, load_weights_into
+from ._builder import build_with_weights
+from ._weights import SCSONet_Weights
 
 __all__ = ["SCSONet", "pad_to_multiple"]
 
@@ -120,6 +121,9 @@ class SCSONet(nn.Module):
     """
 
     pad_multiple = 32
+    # Layer names for the model card (timm's first_conv / classifier): loading adapts them.
+    first_conv_name = "encoder.0.block"
+    classifier_name = "segmentation_head"
     upsample2x = staticmethod(upsample2x)  # of the head's logits; see _DecoderStage
 
     def __init__(
@@ -179,18 +183,16 @@ class SCSONet(nn.Module):
         return self.upsample2x(self.segmentation_head(x))[..., :h, :w]
 
 
-def _create_scsonet(weights: SCSONet_Weights | str | None = None, **kwargs) -> SCSONet:
-    weights = SCSONet_Weights.verify(weights)
-    if weights is not None:
-        kwargs = weights.override_model_args(kwargs)
-    model = SCSONet(**kwargs)
-    if weights is not None:
-        load_weights_into(model, weights)
-    return model
+def _create_scsonet(weights: SCSONet_Weights | str | None = None, reset_head: bool = False, **kwargs) -> SCSONet:
+    return build_with_weights(SCSONet, SCSONet_Weights, weights, kwargs, reset_head)
 
 
 @register_model
-def scsonet(*, weights: SCSONet_Weights | str | None = None, **kwargs) -> SCSONet:
+def scsonet(*, weights: SCSONet_Weights | str | None = None, reset_head: bool = False, **kwargs) -> SCSONet:
     """SCSONet from `SCSONet: spatial-channel synergistic optimization net for skin lesion
-    segmentation <https://doi.org/10.3389/fphy.2024.1388364>`__ (0.16 M parameters)."""
-    return _create_scsonet(weights, **kwargs)
+    segmentation <https://doi.org/10.3389/fphy.2024.1388364>`__ (0.16 M parameters).
+
+    ``weights``: a ``SCSONet_Weights`` member, its name or the pretrained name (``'scsonet-isic2017'``);
+    ``reset_head=True`` with a ``num_classes`` the weights lack keeps all but a fresh head.
+    """
+    return _create_scsonet(weights, reset_head, **kwargs)

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from ..layers import LayerType, get_act_layer
+from ._builder import no_weights
 from ._registry import register_model
 from .scsonet import _run_stages, pad_to_multiple
 
@@ -71,6 +72,10 @@ class UNet(nn.Module):
         input: the common modern form, and the one the compared tables measured.
     """
 
+    # Layer names for the model card (timm's first_conv / classifier): loading adapts them.
+    first_conv_name = "encoder.0.0"
+    classifier_name = "segmentation_head"
+
     def __init__(
         self,
         num_classes: int = 1,
@@ -107,12 +112,13 @@ class UNet(nn.Module):
         return self.segmentation_head(x)[..., :h, :w]
 
 
-def _create_unet(**kwargs) -> UNet:
+def _create_unet(weights: None = None, **kwargs) -> UNet:
+    no_weights("unet", weights)
     return UNet(**kwargs)
 
 
 @register_model
-def unet(**kwargs) -> UNet:
+def unet(*, weights: None = None, **kwargs) -> UNet:
     """U-Net from `U-Net: Convolutional Networks for Biomedical Image Segmentation
-    <https://arxiv.org/abs/1505.04597>`__, 32 base channels (7.77 M parameters)."""
-    return _create_unet(**kwargs)
+    <https://arxiv.org/abs/1505.04597>`__, 32 base channels (7.77 M parameters); no pretrained weights."""
+    return _create_unet(weights, **kwargs)

@@ -13,7 +13,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..layers import LayerType, get_act_layer
+from ._builder import build_with_weights
 from ._registry import register_model
+from ._weights import UNeXt_S_Weights
 from .scsonet import _run_stages, pad_to_multiple
 
 __all__ = ["UNeXt"]
@@ -121,6 +123,9 @@ class UNeXt(nn.Module):
     """
 
     pad_multiple = 32
+    # Layer names for the model card (timm's first_conv / classifier): loading adapts them.
+    first_conv_name = "encoder.0.conv"
+    classifier_name = "segmentation_head"
 
     def __init__(
         self,
@@ -177,12 +182,13 @@ class UNeXt(nn.Module):
         return self.segmentation_head(x)[..., :h, :w]
 
 
-def _create_unext(**kwargs) -> UNeXt:
-    return UNeXt(**kwargs)
+def _create_unext(weights: UNeXt_S_Weights | str | None = None, reset_head: bool = False, **kwargs) -> UNeXt:
+    return build_with_weights(UNeXt, UNeXt_S_Weights, weights, kwargs, reset_head)
 
 
 @register_model
-def unext_s(**kwargs) -> UNeXt:
+def unext_s(*, weights: UNeXt_S_Weights | str | None = None, reset_head: bool = False, **kwargs) -> UNeXt:
     """UNeXt-S from `UNeXt: MLP-based Rapid Medical Image Segmentation Network
-    <https://arxiv.org/abs/2203.04967>`__ (0.25 M parameters)."""
-    return _create_unext(**kwargs)
+    <https://arxiv.org/abs/2203.04967>`__ (0.25 M parameters); ``weights`` and ``reset_head`` as in
+    ``scsonet``."""
+    return _create_unext(weights, reset_head, **kwargs)
