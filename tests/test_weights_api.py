@@ -13,6 +13,8 @@ from scsonet.models import (SCSONet_Weights, create_model, get_model_weights, li
 from scsonet.models._registry import model_entrypoint
 from scsonet.models._weights import Weights, declared_weights
 
+from test_train import prepared  # noqa: F401  (a prepared synthetic 32x32 dataset, reused)
+
 NAME = "scsonet-isic2017"
 
 
@@ -143,6 +145,26 @@ def test_a_card_naming_a_wrong_layer_is_an_error(fake_installed):
     member.value.card_path.write_text(json.dumps({**card, "first_conv": "encoder.0.block"}))  # SCSONet's name
     with pytest.raises(ScsonetError, match="first_conv='encoder.0.block' is not a conv of UNeXt"):
         create_model("unext_s", weights=member, in_chans=1)
+
+
+@pytest.mark.parametrize("arch", ["unext_s", "egeunet"])
+def test_a_packed_card_names_the_layers_of_its_own_model(arch, prepared, tmp_path, monkeypatch):
+    """pack_weights writes each model's own first_conv / classifier, and the API adapts with them."""
+    from scsonet.publish import pack_weights
+
+    monkeypatch.setattr(Weights, "path", property(lambda self: tmp_path / self.filename))
+    torch.manual_seed(0)
+    model = create_model(arch)
+    ckpt = {"model": model.state_dict(), "model_name": arch, "model_args": {}, "epoch": 0, "protocol": "honest",
+            "select_split": "val", "preprocessing": {"resize_size": [32, 32], "mean": [0.5] * 3, "std": [0.25] * 3}}
+    torch.save(ckpt, tmp_path / "best.pt")
+    card = pack_weights(tmp_path / "best.pt", prepared, tmp_path / f"{arch}_isic2017_v1.safetensors",
+                        dataset_name="ISIC2017")
+    first_conv = {"unext_s": "encoder.0.conv", "egeunet": "encoder.0.block"}[arch]  # not SCSONet's for all
+    assert (card["first_conv"], card["classifier"]) == (first_conv, "segmentation_head")
+    assert card["input_size"] == [3, 32, 32]
+    assert f"{arch}-isic2017" in list_pretrained()
+    _check_adaptation(arch, f"{arch}-isic2017")
 
 
 @pytest.mark.parametrize("arch", list_models())

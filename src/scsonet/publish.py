@@ -54,7 +54,7 @@ def pack_weights(checkpoint: str | Path, data: str | Path, out: str | Path, *, d
         "num_params": count_params(model),
         "categories": ["background", "lesion"],
         "min_size": [1, 1],
-        "input_size": [3, *pre["resize_size"]],
+        "input_size": [model.in_chans, *pre["resize_size"]],
         "mean": pre["mean"],
         "std": pre["std"],
         "interpolation": "bilinear",
