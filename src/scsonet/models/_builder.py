@@ -83,8 +83,8 @@ def build_with_weights(model_cls: Callable[..., nn.Module], weights_enum: type[W
 
     state = load_file(str(member.path))
     if in_chans != w_chans:
-        state[_layer_key(model, first_conv, "first_conv", name)] = adapt_input_conv(
-            in_chans, state[_layer_key(model, first_conv, "first_conv", name)])
+        key = _layer_key(model, first_conv, "first_conv", name)
+        state[key] = adapt_input_conv(in_chans, state[key])
     if num_classes != w_classes:
         prefix = _layer_key(model, classifier, "classifier", name).rsplit(".", 1)[0] + "."
         state.update({k: v for k, v in model.state_dict().items() if k.startswith(prefix)})  # the fresh head
