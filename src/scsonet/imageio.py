@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from .errors import ScsonetError
+from .postprocess import resize_image
 
 __all__ = ["IMAGE_SUFFIXES", "ImageLike", "InputError", "LazyImage", "expand_inputs", "read_draft", "read_image",
            "shrink_to", "to_rgb_array"]
@@ -176,9 +177,30 @@ class LazyImage:
 
     def resized(self, size: tuple[int, int]) -> np.ndarray:
         """The image at ``size`` = (height, width), bilinear from the reduced decode."""
-        if self.draft.shape[:2] == tuple(size):
-            return self.draft
-        return np.asarray(Image.fromarray(self.draft).resize((size[1], size[0]), Image.BILINEAR))
+        return resize_image(self.draft, size)
+
+    def crop_resized(self, window: tuple[int, int, int, int], size: tuple[int, int]) -> np.ndarray:
+        """Full-image region ``window`` = (x0, y0, x1, y1) resized to ``size`` = (height, width), from
+        the coarsest decode that still holds at least twice ``size`` in the region (as pass 1's
+        rule): the reduced decode, or the file decoded again just fine enough (in full at worst)."""
+        x0, y0, x1, y1 = window
+        height, width = self.shape[:2]
+        need = max(2 * size[0] * height / max(y1 - y0, 1), 2 * size[1] * width / max(x1 - x0, 1))
+        source = self._full
+        if source is None:
+            if (self.draft.shape[0] * (y1 - y0) / height >= 2 * size[0]
+                    and self.draft.shape[1] * (x1 - x0) / width >= 2 * size[1]):
+                source = self.draft
+            else:
+                finer, full = _decode(self.path, (int(need) + 1, int(need) + 1))
+                if finer.shape[:2] == full:
+                    self._full = finer
+                source = finer
+        if source.shape[:2] == (height, width):
+            return resize_image(np.ascontiguousarray(source[y0:y1, x0:x1]), size)
+        sy, sx = source.shape[0] / height, source.shape[1] / width
+        return np.asarray(Image.fromarray(source).resize((size[1], size[0]), Image.BILINEAR,
+                                                         box=(x0 * sx, y0 * sy, x1 * sx, y1 * sy)))
 
     def preview(self, longest: Optional[int]) -> np.ndarray:
         """The image with its longest side at most ``longest`` (None: the full image)."""

@@ -117,24 +117,10 @@ def predict_batch(images: Sequence[np.ndarray], segmenter: Segmenter, threshold:
                   two_pass: bool = True) -> list[tuple[np.ndarray, Optional[TwoPassInfo]]]:
     """RGB uint8 images of any sizes -> (probabilities at the image's size, two-pass info or None)
     each; with ``two_pass``, a lesion small in the frame gets a second pass on a crop of the image."""
-    recorder = _Recorder(segmenter)
-    one_pass = predict_probabilities(images, recorder)  # pass 1 is the one-pass prediction, by one path
     if not two_pass:
-        return [(p, None) for p in one_pass]
-    del one_pass  # two-pass makes its own maps at the images' sizes from pass 1's at the model's
-    return two_pass_batch(images, segmenter, threshold=threshold, first=np.concatenate(recorder.outputs))
-
-
-class _Recorder:
-    """A segmenter that keeps what it returns: pass 1's maps at the model's size, for two-pass."""
-
-    def __init__(self, segmenter: Segmenter):
-        self.segmenter, self.input_size, self.outputs = segmenter, segmenter.input_size, []
-
-    def predict_probs(self, images: np.ndarray) -> np.ndarray:
-        probs = self.segmenter.predict_probs(images)
-        self.outputs.append(probs)
-        return probs
+        return [(p, None) for p in predict_probabilities(images, segmenter)]
+    # Pass 1 runs inside two-pass, on the same resized batch; no one-pass map at full size is made.
+    return two_pass_batch(images, segmenter, threshold=threshold)
 
 
 def assess(model: Optional[ReliabilityModel], probs: np.ndarray, info: Optional[TwoPassInfo],
@@ -286,7 +272,7 @@ def _write_outputs(paths: dict[str, Path], rgb: np.ndarray | LazyImage, probs: n
             else:
                 Image.fromarray(probabilities_to_uint8(probs)).save(tmp, format="PNG")
     with atomic_path(paths["mask"]) as tmp:
-        Image.fromarray(mask.astype(np.uint8) * 255).save(tmp, format="PNG")
+        Image.fromarray(mask.astype(np.uint8) * 255).save(tmp, format="PNG", compress_level=1)  # 2x faster
     with atomic_path(paths["overlay"]) as tmp:
         picture = _overlay_picture(rgb, overlay_side)
         if picture.shape[:2] != mask.shape:  # the outline drawn on the preview: the mask shrunk to it

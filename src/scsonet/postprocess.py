@@ -12,7 +12,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 from PIL import Image, ImageDraw, ImageFont
 
-__all__ = ["LesionSummary", "REVIEW_COLOR", "draw_overlay", "erode", "outline", "probabilities_to_uint8", "resize_image",
+__all__ = ["LesionSummary", "REVIEW_COLOR", "crop_resized", "draw_overlay", "erode", "outline", "probabilities_to_uint8", "resize_image",
            "resize_probabilities", "summarize"]
 
 OUTLINE_COLOR = (0, 255, 0)  # green stands out on brown, red and pink skin alike
@@ -27,6 +27,15 @@ def resize_image(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     if rgb.shape[:2] == tuple(size):
         return rgb
     return np.asarray(Image.fromarray(rgb).resize((size[1], size[0]), Image.BILINEAR))
+
+
+def crop_resized(rgb: np.ndarray, window: tuple[int, int, int, int], size: tuple[int, int]) -> np.ndarray:
+    """The region ``window`` = (x0, y0, x1, y1) of an image, resized to ``size`` = (height, width).
+    A ``scsonet.imageio.LazyImage`` crops from a decode just fine enough for it (not always full)."""
+    if hasattr(rgb, "crop_resized"):
+        return rgb.crop_resized(window, size)
+    x0, y0, x1, y1 = window
+    return resize_image(np.ascontiguousarray(rgb[y0:y1, x0:x1]), size)
 
 
 def resize_probabilities(probs: np.ndarray, size: tuple[int, int]) -> np.ndarray:

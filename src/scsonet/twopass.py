@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Optional, Sequence
 
 import numpy as np
 
-from .postprocess import resize_image, resize_probabilities
+from .postprocess import crop_resized, resize_image, resize_probabilities
 
 if TYPE_CHECKING:
     from .inference import Segmenter
@@ -211,8 +211,7 @@ def two_pass_batch(images: Sequence[np.ndarray], segmenter: Segmenter, *, thresh
                 info.reason = "crop rejected"
         if not crops:
             break
-        batch = np.stack([resize_image(np.ascontiguousarray(images[k][y0:y1, x0:x1]), size)
-                          for k, (x0, y0, x1, y1) in crops])
+        batch = np.stack([crop_resized(images[k], window, size) for k, window in crops])
         pending = []
         for (k, (x0, y0, x1, y1)), p2 in zip(crops, segmenter.predict_probs(batch)):
             full, info = results[k]
