@@ -369,12 +369,8 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> Path:
     if ckpt is not None and ckpt["epoch"] + 1 >= cfg.epochs and (run_dir / TEST_REPORT).is_file():
         raise ScsonetError(f"{run_dir}: already trained to epoch {ckpt['epoch'] + 1} of {cfg.epochs} and tested; "
                            f"nothing to resume (--set epochs=N trains on)")
-    if master:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if resume is None:  # a resume keeps the first segment's config; its own goes to segments.jsonl
-            write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
-
-    # -- data: the test split is not touched here under the honest protocol
+    # -- data, read before the run directory exists so that a bad dataset leaves nothing behind;
+    #    the test split is not touched here under the honest protocol
     data = PreparedData(cfg.data)
     fit_parts = [data.load(s) for s in fit_splits]
     fit = SplitArrays(torch.cat([p.images for p in fit_parts]), torch.cat([p.masks for p in fit_parts]),
@@ -386,6 +382,11 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> Path:
     loader = TrainLoader(fit, cfg.batch_size, mean, std, augment=cfg.augment, shuffle=True, seed=cfg.seed,
                          device=device, drop_last=use_graph, rank=rank, world_size=world_size,
                          robust_augment=cfg.robust_augment)
+
+    if master:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if resume is None:  # a resume keeps the first segment's config; its own goes to segments.jsonl
+            write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
 
     # -- model and optimiser: the same seed gives the same initial weights on every rank
     torch.manual_seed(cfg.seed)

@@ -15,10 +15,17 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
+# Sides the counters can trace in a few seconds; the models pad any side up to a multiple of 32.
+MAX_SIZE = 4096
+
+
 def run(args) -> int:
     from ..complexity import format_complexity, measure
+    from ..errors import ScsonetError
     from ..models import create_model
 
+    if not 1 <= args.size <= MAX_SIZE:
+        raise ScsonetError(f"--size {args.size}: expected a side in 1..{MAX_SIZE}")
     result = measure(args.model, create_model(args.model), args.size)
     print(json.dumps(result.to_dict(), indent=2) if args.json else format_complexity(result))
     return 0
