@@ -130,3 +130,60 @@ def test_a_fresh_venv_without_torch_segments_the_samples(tmp_path):
                            capture_output=True, text=True, timeout=120)
     assert train.returncode == 2 and train.stderr.strip() == (
         "scsonet train: error: training needs PyTorch: pip install 'scsonet[torch]' (no module 'torch')")
+
+
+def _photo(path: Path, width: int, height: int) -> Path:
+    """A smooth JPEG photo with a dark blob off-centre (so the model finds a lesion)."""
+    y, x = np.mgrid[0:height, 0:width]
+    blob = ((x - 0.4 * width) ** 2 + (y - 0.5 * height) ** 2) < (0.15 * height) ** 2
+    rgb = np.stack([200 - 120 * blob, 150 - 90 * blob, 130 - 80 * blob], axis=-1).astype(np.uint8)
+    Image.fromarray(rgb).save(path, quality=90)
+    return path
+
+
+def test_big_jpeg_mask_at_full_size_overlay_at_preview_size(tmp_path):
+    from scsonet.inference import PREVIEW_SIDE, predict_files, shipped_onnx
+    from scsonet.onnx_runtime import OrtSegmenter
+
+    photo = _photo(tmp_path / "photo.jpg", 3000, 2000)
+    segmenter = OrtSegmenter(shipped_onnx("scsonet-isic2017"))
+    for side, out in ((PREVIEW_SIDE, tmp_path / "preview"), (None, tmp_path / "full")):
+        [row] = predict_files([photo], segmenter, out, progress=False, two_pass=True, overlay_side=side)
+        assert row["status"] == "ok", row
+        assert Image.open(out / "photo_mask.png").size == (3000, 2000)
+        overlay = Image.open(out / "photo_overlay.png").size
+        assert overlay == ((3000, 2000) if side is None else (1024, 683)), overlay  # from the 1/2-scale decode
+    full_masks = _masks(tmp_path / "full")
+    assert np.array_equal(full_masks["photo_mask.png"], _masks(tmp_path / "preview")["photo_mask.png"])
+
+
+def test_lazy_image_decodes_a_big_jpeg_coarsely_and_crops_close_to_the_full_decode(tmp_path):
+    from scsonet.imageio import read_draft, read_image
+    from scsonet.postprocess import crop_resized, resize_image
+
+    photo = _photo(tmp_path / "photo.jpg", 4000, 3000)
+    lazy = read_draft(photo, (512, 512))
+    assert lazy.shape == (3000, 4000, 3) and lazy.draft.shape == (750, 1000, 3) and not lazy.decoded_fully
+    full = read_image(photo)
+    for window in ((0, 0, 4000, 3000), (1000, 500, 3000, 2500), (1000, 1000, 2200, 2200)):
+        coarse = crop_resized(lazy, window, (256, 256)).astype(int)
+        exact = crop_resized(full, window, (256, 256)).astype(int)
+        assert coarse.shape == (256, 256, 3) and np.abs(coarse - exact).mean() < 2.0, window
+    assert not lazy.decoded_fully  # a 1200-px crop is decoded at 1/2 scale, not in full
+    crop_resized(lazy, (1500, 1300, 1800, 1600), (256, 256))
+    assert lazy.decoded_fully  # a 300-px one needs every pixel
+    assert np.array_equal(resize_image(lazy, (256, 256)), lazy.resized((256, 256)))
+
+
+def test_lazy_image_of_a_rotated_jpeg_has_the_shape_read_image_gives(tmp_path):
+    from scsonet.imageio import read_draft, read_image
+
+    photo = _photo(tmp_path / "plain.jpg", 4000, 3000)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # turned a quarter: shown 3000 wide, 4000 high
+    rotated = tmp_path / "rotated.jpg"
+    Image.open(photo).save(rotated, quality=90, exif=exif)
+    lazy = read_draft(rotated, (512, 512))
+    full = read_image(rotated)
+    assert lazy.shape == full.shape == (4000, 3000, 3) and lazy.draft.shape == (1000, 750, 3)
+    assert np.array_equal(lazy[100:200, 50:60], full[100:200, 50:60])

@@ -112,7 +112,7 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
 
 
 def _decode(path: Path, draft: Optional[tuple[int, int]] = None) -> tuple[np.ndarray, tuple[int, int]]:
-    """``read_image``, or with ``draft`` = (width, height) a JPEG decoded at the smallest of its
+    """``read_image``, or with ``draft`` = (width, height) (after the EXIF orientation) a JPEG decoded at the smallest of its
     1/2, 1/4, 1/8 scales still at least that size (Pillow's draft mode: several times faster on
     big photos; other formats decode fully). Returns the RGB array and the full-size image's
     (height, width) after the EXIF orientation."""
@@ -127,10 +127,10 @@ def _decode(path: Path, draft: Optional[tuple[int, int]] = None) -> tuple[np.nda
             size = img.size
             if img.format not in _PIL_FORMATS:
                 raise ScsonetError(f"{path}: {img.format} files hold no pixels Pillow can decode here")
-            if draft is not None and img.format in ("JPEG", "MPO"):
-                img.draft("RGB", draft)
-            img.load()  # decode now: a truncated file fails here, not later
             swap = img.getexif().get(_ORIENTATION, 1) in (5, 6, 7, 8)  # EXIF turns the image a quarter
+            if draft is not None and img.format in ("JPEG", "MPO"):
+                img.draft("RGB", (draft[1], draft[0]) if swap else draft)  # the file's own axes
+            img.load()  # decode now: a truncated file fails here, not later
             full = (size[0], size[1]) if swap else (size[1], size[0])
             img = ImageOps.exif_transpose(img)
             rgb = _pil_to_rgb(img)
@@ -185,14 +185,14 @@ class LazyImage:
         rule): the reduced decode, or the file decoded again just fine enough (in full at worst)."""
         x0, y0, x1, y1 = window
         height, width = self.shape[:2]
-        need = max(2 * size[0] * height / max(y1 - y0, 1), 2 * size[1] * width / max(x1 - x0, 1))
+        need_h, need_w = 2 * size[0] * height / max(y1 - y0, 1), 2 * size[1] * width / max(x1 - x0, 1)
         source = self._full
         if source is None:
             if (self.draft.shape[0] * (y1 - y0) / height >= 2 * size[0]
                     and self.draft.shape[1] * (x1 - x0) / width >= 2 * size[1]):
                 source = self.draft
             else:
-                finer, full = _decode(self.path, (int(need) + 1, int(need) + 1))
+                finer, full = _decode(self.path, (int(need_w) + 1, int(need_h) + 1))
                 if finer.shape[:2] == full:
                     self._full = finer
                 source = finer
