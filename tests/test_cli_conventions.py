@@ -147,3 +147,18 @@ def test_gitignore_covers_what_the_documented_commands_write():
                "bench/table.md", "grid.png", "data/isic2017/meta.json"]
     done = subprocess.run(["git", "check-ignore", "--no-index", *outputs], cwd=ROOT, capture_output=True, text=True)
     assert sorted(done.stdout.split()) == sorted(outputs)
+
+
+def test_closed_stdout_ends_quietly():
+    """`scsonet models | head -0`: no BrokenPipeError traceback, status 128 + SIGPIPE."""
+    import os
+    import subprocess
+    import sys
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    proc = subprocess.run([sys.executable, "-m", "scsonet.cli.main", "models"],
+                          stdout=write_end, stderr=subprocess.PIPE, timeout=120)
+    os.close(write_end)
+    assert proc.returncode == 141, proc.stderr.decode()
+    assert proc.stderr == b""

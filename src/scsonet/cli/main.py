@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import importlib
 import sys
 
@@ -33,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         status = args.func(args)
+        sys.stdout.flush()  # a closed pipe fails here, where it is caught, not at exit
     except ScsonetError as err:
         print(f"scsonet {args.command}: error: {err}", file=sys.stderr)
         return 2
@@ -46,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"scsonet {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `scsonet ... | head` closed our stdout: stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return 141  # 128 + SIGPIPE
     return int(status or 0)
 
 
