@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import subprocess
 import sys
 from pathlib import Path
 
@@ -21,7 +20,6 @@ ROOT = Path(__file__).resolve().parents[1]
 WEIGHTS = "scsonet-isic2017"
 MODEL = ROOT / "src" / "scsonet" / "weights" / "scsonet_isic2017_v1.onnx"
 SIDECAR = MODEL.with_name(MODEL.name + ".json")
-RELIABILITY = MODEL.with_name("scsonet_isic2017_v1.reliability.json")
 EXPORT_ARGS: list[str] = []  # the default export: reparameterised, checked against PyTorch
 
 
@@ -34,39 +32,17 @@ def _web_model():
 
 
 def sources() -> dict[str, str]:
-    web = _web_model()
-    return {**web.sources(WEIGHTS), "reliability_sha256": web.sha256(RELIABILITY)}
+    return _web_model().sources(WEIGHTS)  # weights, exported card fields and reliability JSON
 
 
 def problems(model: Path = MODEL, sidecar: Path = SIDECAR, expected: dict[str, str] | None = None) -> list[str]:
     """Why the shipped ONNX model does not match the shipped weights (empty: it is fresh)."""
-    import json
-
-    if not model.is_file() or not sidecar.is_file():
-        return [f"{model} or {sidecar.name} is missing"]
-    try:
-        recorded = json.loads(sidecar.read_text())
-    except ValueError as err:
-        return [f"{sidecar}: not JSON ({err})"]
-    expected = sources() if expected is None else expected
-    found = [f"{sidecar.name}: {key} is {recorded.get(key)!r}, the shipped file's is {value!r}"
-             for key, value in expected.items() if recorded.get(key) != value]
-    if recorded.get("onnx_sha256") != _web_model().sha256(model):
-        found.append(f"{model.name} is not the file that {sidecar.name} describes (onnx_sha256 differs)")
-    if recorded.get("export_args") != EXPORT_ARGS:
-        found.append(f"{sidecar.name}: exported with {recorded.get('export_args')}, expected {EXPORT_ARGS}")
-    return found
+    return _web_model().sidecar_problems(model, sidecar, EXPORT_ARGS, sources() if expected is None else expected)
 
 
 def build() -> None:
-    from scsonet._io import write_json_atomic
-
-    scsonet = Path(sys.executable).with_name("scsonet")
-    subprocess.run([str(scsonet), "export", "--weights", WEIGHTS, "--format", "onnx", *EXPORT_ARGS,
-                    "--out", str(MODEL)], check=True)
-    write_json_atomic(SIDECAR, {**sources(), "onnx_sha256": _web_model().sha256(MODEL), "export_args": EXPORT_ARGS,
-                                "command": "python scripts/shipped_onnx.py (scsonet export --weights "
-                                           f"{WEIGHTS} --format onnx {' '.join(EXPORT_ARGS)})".replace(" )", ")")})
+    command = f"python scripts/shipped_onnx.py (scsonet export --weights {WEIGHTS} --format onnx {' '.join(EXPORT_ARGS)})"
+    _web_model().export_with_sidecar(MODEL, SIDECAR, EXPORT_ARGS, command.replace(" )", ")"))
 
 
 def main(argv: list[str] | None = None) -> int:

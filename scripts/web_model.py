@@ -46,9 +46,10 @@ def sources(weights: str = WEIGHTS) -> dict[str, str]:
             "reliability_sha256": sha256(reliability) if reliability.is_file() else None}
 
 
-def problems(out_dir: Path = OUT_DIR, expected: dict[str, str] | None = None) -> list[str]:
-    """Why the model in ``out_dir`` cannot be served as it is (empty: it is fresh)."""
-    model, sidecar = out_dir / "scsonet.onnx", out_dir / "scsonet.json"
+def sidecar_problems(model: Path, sidecar: Path, export_args: list[str],
+                     expected: dict[str, str] | None = None) -> list[str]:
+    """Why ``model`` does not match what its ``sidecar`` and the shipped weights say (empty: fresh).
+    Shared with scripts/shipped_onnx.py."""
     if not model.is_file() or not sidecar.is_file():
         return [f"{model} or {sidecar.name} is missing"]
     try:
@@ -60,22 +61,31 @@ def problems(out_dir: Path = OUT_DIR, expected: dict[str, str] | None = None) ->
              for key, value in expected.items() if recorded.get(key) != value]
     if recorded.get("onnx_sha256") != sha256(model):
         found.append(f"{model} is not the file that {sidecar.name} describes (onnx_sha256 differs)")
-    if recorded.get("export_args") != EXPORT_ARGS:
-        found.append(f"{sidecar}: exported with {recorded.get('export_args')}, the page wants {EXPORT_ARGS}")
+    if recorded.get("export_args") != export_args:
+        found.append(f"{sidecar}: exported with {recorded.get('export_args')}, expected {export_args}")
     return found
 
 
-def build(out_dir: Path = OUT_DIR) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model = out_dir / "scsonet.onnx"
-    scsonet = Path(sys.executable).with_name("scsonet")
-    subprocess.run([str(scsonet), "export", "--weights", WEIGHTS, "--format", "onnx", *EXPORT_ARGS,
-                    "--out", str(model)], check=True)
-    record = {**sources(), "onnx_sha256": sha256(model), "export_args": EXPORT_ARGS,
-              "command": f"scsonet export --weights {WEIGHTS} --format onnx {' '.join(EXPORT_ARGS)}".strip()}
+def export_with_sidecar(model: Path, sidecar: Path, export_args: list[str], command: str) -> None:
+    """``scsonet export`` of the shipped weights into ``model``, then its sidecar of hashes."""
     from scsonet._io import write_json_atomic
 
-    write_json_atomic(out_dir / "scsonet.json", record)
+    model.parent.mkdir(parents=True, exist_ok=True)
+    scsonet = Path(sys.executable).with_name("scsonet")
+    subprocess.run([str(scsonet), "export", "--weights", WEIGHTS, "--format", "onnx", *export_args,
+                    "--out", str(model)], check=True)
+    write_json_atomic(sidecar, {**sources(), "onnx_sha256": sha256(model), "export_args": export_args,
+                                "command": command})
+
+
+def problems(out_dir: Path = OUT_DIR, expected: dict[str, str] | None = None) -> list[str]:
+    """Why the model in ``out_dir`` cannot be served as it is (empty: it is fresh)."""
+    return sidecar_problems(out_dir / "scsonet.onnx", out_dir / "scsonet.json", EXPORT_ARGS, expected)
+
+
+def build(out_dir: Path = OUT_DIR) -> None:
+    export_with_sidecar(out_dir / "scsonet.onnx", out_dir / "scsonet.json", EXPORT_ARGS,
+                        f"scsonet export --weights {WEIGHTS} --format onnx {' '.join(EXPORT_ARGS)}".strip())
 
 
 def main(argv: list[str] | None = None) -> int:

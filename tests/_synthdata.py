@@ -80,3 +80,15 @@ def check_pairs(images: np.ndarray, masks: np.ndarray, ids: list[str]) -> None:
         assert abs(int(image[..., 0].mean()) - red(k)) <= 3, image_id
         assert mask.sum(1).astype(bool).sum() == rows(k), image_id
         assert set(np.unique(mask)) <= {0, 1}
+
+
+def random_scsonet_checkpoint(path: Path) -> Path:
+    """A random-init SCSONet (seed 0) saved as a training checkpoint at 256x256."""
+    import torch
+
+    from scsonet.models import create_model
+
+    torch.manual_seed(0)
+    torch.save({"model": create_model("scsonet").state_dict(), "model_name": "scsonet", "model_args": {},
+                "preprocessing": {"resize_size": [256, 256], "mean": [0.5] * 3, "std": [0.5] * 3}}, path)
+    return path

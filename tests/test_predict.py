@@ -9,15 +9,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image, ImageFilter
 
 import scsonet
+from _synthdata import random_scsonet_checkpoint
 from scsonet.cli.main import main
 from scsonet.errors import ScsonetError
 from scsonet.imageio import expand_inputs, read_image, to_rgb_array
 from scsonet.inference import TorchSegmenter, predict_files, sample_images
-from scsonet.models import create_model, load_model
+from scsonet.models import load_model
 from scsonet.postprocess import erode, summarize
 
 SHIPPED = Path(scsonet.__file__).parent / "weights" / "scsonet_isic2017_v1.safetensors"
@@ -26,11 +26,7 @@ SHIPPED = Path(scsonet.__file__).parent / "weights" / "scsonet_isic2017_v1.safet
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     """A random-init SCSONet saved as a training checkpoint."""
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt") / "random.pt"
-    torch.save({"model": create_model("scsonet").state_dict(), "model_name": "scsonet", "model_args": {},
-                "preprocessing": {"resize_size": [256, 256], "mean": [0.5] * 3, "std": [0.5] * 3}}, path)
-    return path
+    return random_scsonet_checkpoint(tmp_path_factory.mktemp("ckpt") / "random.pt")
 
 
 class DiskSegmenter:

@@ -9,15 +9,15 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-import torch
 from PIL import Image
 
 import scsonet.cli.predict as cli_predict
+from _synthdata import random_scsonet_checkpoint
 from scsonet.cli.main import main
 from scsonet.errors import ScsonetError
 from scsonet.export import export_onnx, model_metadata
 from scsonet.inference import JOURNAL_NAME, RESULT_FIELDS, Segmentation, predict_files, segment, segment_image
-from scsonet.models import create_model, load_model
+from scsonet.models import load_model
 from scsonet.onnx_runtime import OrtSegmenter, read_metadata, reliability_from_metadata
 from scsonet.postprocess import REVIEW_COLOR
 from scsonet.reliability import ReliabilityModel, default_model_path
@@ -145,10 +145,7 @@ def test_journal_rows_from_before_two_pass_stay_valid(tmp_path):
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     """A random-init SCSONet checkpoint with a reliability model beside it (``X.reliability.json``)."""
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt") / "random.pt"
-    torch.save({"model": create_model("scsonet").state_dict(), "model_name": "scsonet", "model_args": {},
-                "preprocessing": {"resize_size": [256, 256], "mean": [0.5] * 3, "std": [0.5] * 3}}, path)
+    path = random_scsonet_checkpoint(tmp_path_factory.mktemp("ckpt") / "random.pt")
     BIG_IS_SUSPECT.save(default_model_path(path))
     return path
 
@@ -190,10 +187,7 @@ def test_onnx_export_embeds_the_reliability_model_and_checks_it(checkpoint, tmp_
 
 
 def test_weights_without_a_reliability_model_export_no_key(tmp_path):
-    torch.manual_seed(0)
-    path = tmp_path / "plain.pt"
-    torch.save({"model": create_model("scsonet").state_dict(), "model_name": "scsonet", "model_args": {},
-                "preprocessing": {"resize_size": [256, 256], "mean": [0.5] * 3, "std": [0.5] * 3}}, path)
+    path = random_scsonet_checkpoint(tmp_path / "plain.pt")
     assert "reliability" not in model_metadata(load_model(path))
     assert reliability_from_metadata({}, "plain.onnx") is None
     with pytest.raises(ScsonetError, match="malformed reliability model in the ONNX metadata"):
