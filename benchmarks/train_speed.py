@@ -31,7 +31,7 @@ from multiprocessing.connection import Connection
 import torch
 
 from scsonet._io import write_text_atomic
-from scsonet.fast import RUNTIME_ENV, optimizer_options, prepare_for_training, prepare_input, tune_cpu_allocator
+from scsonet.fast import RUNTIME_ENV, optimizer_options, prepare_for_training, tune_cpu_allocator
 from scsonet.losses import BceDiceLoss
 from scsonet.models import create_model
 from scsonet.parallel import ModelLoss, SplitBatchStep
@@ -61,8 +61,6 @@ def _worker(conn: Connection, setup: str, model_name: str, threads: int, batch_s
     g = torch.Generator().manual_seed(1)
     images = torch.randn(batch_size, 3, size, size, generator=g)
     masks = (torch.rand(batch_size, 1, size, size, generator=g) > 0.5).float()
-    if fast:
-        images = prepare_input(images)
     conn.send(model(images).detach())  # with autograd on, as in training
     split = SplitBatchStep(model, loss_fn, min(threads, batch_size)) if setup == "split" and threads > 1 else None
 

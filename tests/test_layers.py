@@ -58,11 +58,35 @@ def test_sru_rejects_unknown_gate_and_odd_channels():
         SRU(5)
 
 
-def test_cru_fusion_weights_sum_to_one():
-    cru = CRU(8)
+def test_cru_equation_by_hand():
+    """Eq. 7-8 computed step by step, each 1x1 conv as a matrix product and the group-wise conv
+    as one convolution per group, in float64 so that only a wrong formula can differ."""
+    torch.manual_seed(0)
+    cru = CRU(8).double()  # up/low 4 + 4 channels, each squeezed to 2; gwc in 2 groups
+    for conv in (cru.gwc, cru.pwc_up, cru.pwc_low, cru.squeeze_up, cru.squeeze_low):
+        torch.nn.init.normal_(conv.weight)  # large weights: a wrong split or order shows clearly
+    x = torch.randn(2, 8, 5, 6, dtype=torch.float64)
+
+    def pointwise(conv, t):
+        return torch.einsum("oc,bchw->bohw", conv.weight[:, :, 0, 0], t)
+
+    up, low = pointwise(cru.squeeze_up, x[:, :4]), pointwise(cru.squeeze_low, x[:, 4:])
+    w, bias = cru.gwc.weight, cru.gwc.bias  # group g: squeezed channel g -> output channels 4g..4g+3
+    gwc = torch.cat([F.conv2d(up[:, g:g + 1], w[4 * g:4 * g + 4], bias[4 * g:4 * g + 4], padding=1)
+                     for g in range(2)], dim=1)
+    y1 = gwc + pointwise(cru.pwc_up, up)  # 8 channels
+    y2 = torch.cat([pointwise(cru.pwc_low, low), low], dim=1)  # 6 + 2 channels
+    pooled = torch.cat([y1, y2], dim=1).mean(dim=(2, 3))  # (B, 16)
+    beta = pooled.exp() / pooled.exp().sum(dim=1, keepdim=True)  # softmax over all 16 channels
+    expected = beta[:, :8, None, None] * y1 + beta[:, 8:, None, None] * y2
+    assert torch.allclose(cru(x), expected, rtol=1e-10, atol=1e-10)
+
+
+def test_scconv_is_sru_then_cru():
+    torch.manual_seed(0)
+    scconv = SCConv(8)
     x = torch.randn(2, 8, 6, 6)
-    assert cru(x).shape == x.shape
-    assert SCConv(8)(x).shape == x.shape
+    assert torch.equal(scconv(x), scconv.cru(scconv.sru(x)))
 
 
 def test_pconv_passes_the_second_half_through():

@@ -4,10 +4,10 @@ ONNX export uses PyTorch's TorchScript-based exporter (``torch.onnx.export(..., 
 It exports SCSONet with dynamic batch, height and width on every torch from 2.2 on and needs no
 package beyond ``onnx``; the dynamo exporter needs ``onnxscript`` and was still experimental in
 the older releases that ``scsonet`` supports. While tracing, ODConv switches to a per-sample
-im2col matmul (``ODConv2d._per_sample_conv``), since its batch-grouped convolution would freeze
-the batch size. By default the ONNX graph is that of ``scsonet.deploy.reparameterize(model)``:
-the same function re-expressed with fewer and cheaper operations (a faster graph in ONNX Runtime),
-still checked against the original eager model.
+im2col matmul (``scsonet.layers.odconv.per_sample_conv``), since its batch-grouped convolution
+would freeze the batch size. By default the ONNX graph is that of
+``scsonet.deploy.reparameterize(model)``: the same function re-expressed with fewer and cheaper
+operations (a faster graph in ONNX Runtime), still checked against the original eager model.
 
 After writing, the export is checked: ONNX Runtime (or the reloaded TorchScript module) against
 the eager PyTorch model on random inputs (batches of 1, 3 and 8 at the preset size and one

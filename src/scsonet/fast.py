@@ -27,7 +27,7 @@ from .layers.fast import (
 )
 from .models.scsonet import SCSONet, _DecoderStage, _EncoderStage
 
-__all__ = ["RUNTIME_ENV", "optimizer_options", "prepare_for_training", "prepare_input", "tune_cpu_allocator"]
+__all__ = ["RUNTIME_ENV", "optimizer_options", "prepare_for_training", "tune_cpu_allocator"]
 
 # glibc mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1
@@ -124,8 +124,3 @@ def optimizer_options(device: torch.device | str = "cpu") -> dict[str, bool]:
     on 2 cores; the fused kernel does the same update in one pass (equal up to float rounding).
     """
     return {"fused": True} if torch.device(device).type == "cpu" else {}
-
-
-def prepare_input(x: torch.Tensor) -> torch.Tensor:
-    """The batch as the fast path wants it: contiguous float32 (channels-first)."""
-    return x.contiguous()

@@ -1,6 +1,6 @@
 """Segmentation metrics as pure functions over per-image confusion counts (smp's ``get_stats`` idea).
 
-Two reductions, both reported (DESIGN.md, STYLE.md section 8):
+Two reductions, both reported (smp's ``micro`` and ``micro-imagewise``):
 
 - pooled ("micro"): ONE confusion matrix summed over every pixel of every image. The paper's
   "mIoU" is the lesion IoU ``TP / (TP + FP + FN)`` of that matrix, DSC ``2TP / (2TP + FP + FN)``;

@@ -9,7 +9,6 @@ import torch.nn as nn
 from ..errors import ScsonetError
 
 _model_entrypoints: dict[str, Callable[..., nn.Module]] = {}
-_model_to_module: dict[str, str] = {}
 
 
 def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
@@ -18,7 +17,6 @@ def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
     if name in _model_entrypoints:
         raise ValueError(f"model {name!r} is already registered")
     _model_entrypoints[name] = fn
-    _model_to_module[name] = fn.__module__.rsplit(".", 1)[-1]
     return fn
 
 

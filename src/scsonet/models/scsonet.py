@@ -2,7 +2,7 @@
 
 `SCSONet: spatial-channel synergistic optimization net for skin lesion segmentation`
 (Chen et al.; Frontiers in Physics 2024), https://doi.org/10.3389/fphy.2024.1388364
-Original code: https://github.com/Haoyu-Chen/SCSONet (not used here; see DESIGN.md for its defects).
+Original code: https://github.com/Haoyu1Chen/SCSONet (not used here; ``Note:`` sections say where it differs).
 """
 from __future__ import annotations
 
