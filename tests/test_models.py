@@ -1,18 +1,58 @@
 """Every registered model (peers and ablation variants): sizes, gradients, batch independence,
-parameter counts against the published ones, and the options the variants are built from."""
+parameter and operation counts against the paper's tables, and the options the variants are built from."""
+import functools
+
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from scsonet.complexity import count_params
+from scsonet.benchmark import PUBLISHED
+from scsonet.complexity import count_macs, count_params, thop_counts
 from scsonet.layers import EMA, PConv, SCAttentionBridge, SCFBlock
 from scsonet.models import EGEUNet, create_model, deep_supervision_loss, list_models
 
 ALL_MODELS = list_models()
 
-# Published parameter counts (issue 5 acceptance: exact counts within 3%; UNeXt-S a range).
-PUBLISHED_PARAMS = {"malunet": 177_943, "egeunet": 53_374, "unet": 7_770_000}
+# Params (M) and GFLOPs at 256 x 256 as the paper prints them: Table 1 (the peers), Table 2 (the
+# ablation; Base is MALUNet), Table 3 (the SCF block variants). Text, because the decimals printed
+# are the precision a count must meet ("0.10" is two).
+PAPER_COMPLEXITY = {
+    "unet": ("7.77", "13.76"),
+    "unext_s": ("0.32", "0.10"),
+    "malunet": ("0.175", "0.083"),
+    "egeunet": ("0.053", "0.072"),
+    "scsonet": ("0.149", "0.056"),
+    "ablation_base": ("0.175", "0.083"),
+    "ablation_convstem": ("0.164", "0.057"),
+    "ablation_scf": ("0.150", "0.078"),
+    "scf_scconv": ("0.131", "0.072"),
+    "scf_scconv_pconv": ("0.148", "0.075"),
+    "scf_scconv_dwsep": ("0.141", "0.074"),
+    "scf_scconv_dilated": ("0.181", "0.082"),
+}
+# Which count gives each printed figure at its precision: "exact" (every parameter / 10^6, PyTorch's
+# MACs / 10^9) or "thop" (the paper's script: thop's module-hook counts / 2^20 and 2^30). Otherwise
+# neither does, and the entry is our exact figure at the paper's precision, pinned all the same.
+# The gaps: thop's count depends on which operations are modules, so ours (0.055 GFLOPs) is not
+# the published code's (59.8 M MACs, 0.056); MALUNet's published code has 177,943 parameters, not
+# 0.175 M; the paper's UNet is another configuration (same parameters, more operations); the
+# ablation variants' code was never published, and Table 3 does not add up (EMA adds operations,
+# yet its row has fewer GFLOPs).
+REPRODUCED_BY = {
+    "unet": ("exact", "12.07"),
+    "unext_s": ("0.25", "thop"),
+    "malunet": ("0.178", "exact"),
+    "egeunet": ("exact", "exact"),
+    "scsonet": ("thop", "0.083"),
+    "ablation_base": ("0.178", "exact"),
+    "ablation_convstem": ("0.179", "0.083"),
+    "ablation_scf": ("thop", "0.083"),
+    "scf_scconv": ("0.140", "0.077"),
+    "scf_scconv_pconv": ("0.158", "0.080"),
+    "scf_scconv_dwsep": ("0.150", "0.079"),
+    "scf_scconv_dilated": ("0.210", "0.089"),
+}
 
 
 def _bce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -55,15 +95,43 @@ def test_eval_output_does_not_depend_on_the_batch(name):
     assert (batched[1:2] - alone).abs().max() < 1e-5
 
 
-@pytest.mark.parametrize("name, published", sorted(PUBLISHED_PARAMS.items()))
-def test_parameters_within_three_percent_of_published(name, published):
-    assert abs(count_params(create_model(name)) - published) / published < 0.03
+@functools.lru_cache(maxsize=None)
+def _complexity(name: str) -> dict[str, tuple[float, float]]:
+    """(params in M, GFLOPs) of the model at 256 x 256, counted both ways."""
+    model = create_model(name)
+    thop_macs, thop_params = thop_counts(model)
+    return {"exact": (count_params(model) / 1e6, count_macs(model) / 1e9),
+            "thop": (thop_params / 2**20, thop_macs / 2**30)}
+
+
+def _as_printed(value: float, printed: str) -> str:
+    return f"{value:.{len(printed.split('.')[1])}f}"
+
+
+# SCSONet's row stays in the quick subset; the others take a few seconds each.
+@pytest.mark.parametrize("name", [n if n == "scsonet" else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in PAPER_COMPLEXITY])
+def test_complexity_against_the_paper(name):
+    pytest.importorskip("thop")
+    counts = _complexity(name)
+    for i, (printed, how) in enumerate(zip(PAPER_COMPLEXITY[name], REPRODUCED_BY[name])):
+        ours = {convention: _as_printed(c[i], printed) for convention, c in counts.items()}
+        if how in ours:
+            assert ours[how] == printed
+        else:
+            assert ours["exact"] == how
+            assert printed not in ours.values()  # reproduced after all: name the convention above
+
+
+def test_benchmark_tables_carry_the_paper_figures():
+    for table in PUBLISHED.values():
+        for name, (params, gflops, _, _) in table.items():
+            assert (params, gflops) == tuple(float(f) for f in PAPER_COMPLEXITY[name]), name
 
 
 def test_exact_parameter_counts():
     counts = {n: count_params(create_model(n)) for n in ("malunet", "egeunet", "unet", "unext_s")}
     assert counts == {"malunet": 177_943, "egeunet": 53_374, "unet": 7_765_985, "unext_s": 253_561}
-    assert 250_000 <= counts["unext_s"] <= 330_000
 
 
 def test_table2_ablation_steps_compose():
