@@ -23,6 +23,17 @@ def register(subparsers) -> None:
     pack.add_argument("--trained-at-commit", help="commit of the code that trained the checkpoint")
     pack.add_argument("--docs", default="", help="one paragraph: split, seed, epochs, anything unusual")
     pack.set_defaults(func=run_pack)
+    average = sub.add_parser("average", help="weighted mean of fine-tunes of one model (a model soup) -> .pt",
+                             description="Average the weights of networks of one architecture and preprocessing "
+                                         "fine-tuned from one starting point (WiSE-FT, model soups): OUT is a "
+                                         "checkpoint that evaluate, predict and weights pack read, recording its "
+                                         "sources and coefficients. Choose the coefficients on val.")
+    average.add_argument("sources", nargs="+", metavar="WEIGHTS",
+                         help="pretrained names, .pt checkpoints or .safetensors files (two or more)")
+    average.add_argument("--coefficients", nargs="+", type=float, required=True, metavar="C",
+                         help="one per source, >= 0, summing to 1")
+    average.add_argument("--out", required=True, help="output .pt checkpoint")
+    average.set_defaults(func=run_average)
     listing = sub.add_parser("list", help="list the pretrained weights and whether each is installed",
                              description="List every declared pretrained name (what --weights, load_pretrained "
                                          "and create_model(name, weights=...) take), its model and weights enum "
@@ -53,6 +64,14 @@ def run_pack(args) -> int:
     card = pack_weights(checkpoint, args.data, args.out, dataset_name=args.dataset_name,
                         trained_at_commit=args.trained_at_commit, docs=docs)
     print(card["_metrics_text"])
+    return 0
+
+
+def run_average(args) -> int:
+    from ..soup import write_average
+
+    out = write_average(args.sources, args.coefficients, args.out)
+    print(f"wrote {out}: " + " + ".join(f"{c:g} x {s}" for s, c in zip(args.sources, args.coefficients)))
     return 0
 
 
