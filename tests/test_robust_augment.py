@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import math
 
@@ -75,6 +76,58 @@ def test_draws_are_fixed_whatever_fires_and_reproducible():
     (x2, y2), _ = _run(ALL_ON, images, masks, seed=5, paper=PaperAugment())
     (x3, _), _ = _run(ALL_ON, images, masks, seed=6, paper=PaperAugment())
     assert torch.equal(x1, x2) and torch.equal(y1, y2) and not torch.equal(x1, x3)
+
+
+# The probabilities of configs/ablation/robust_all.yaml, the ablation whose runs must stay comparable.
+ROBUST_ALL = {"zoom_out": 0.25, "zoom_in": 0.4, "translate": 0.1, "skin_canvas": 0.5, "texture_canvas": 0.5,
+              "fingers": 0.15, "ruler": 0.08, "frame": 0.15, "color": 0.5, "illumination": 0.3, "blur": 0.15,
+              "noise": 0.2, "jpeg": 0.3}
+# SHA-256 of the augmented batches as the implementation of commit f064e8f made them (before its
+# speed-ups), on this platform with 2 threads (the training's; the antialiased resize of zoom_out and
+# blur rounds differently with 1): (probs, paper, batch, height, width, batches) -> digest. Squares
+# of 256 are the training's size; odd sizes take the kernels' tails and JPEG's padding.
+_RECORDED_PLATFORM = ("2.13.0", "AVX512")
+_RECORDED = {
+    "all_on_256": ((ALL_ON, True, 4, 256, 256, 1),
+        "3ed10032b1dc27581df9be20194cce6cc7b50efa0bf0043118fca6d07a2c8438"),
+    "robust_all_256": ((ROBUST_ALL, True, 8, 256, 256, 3),
+        "67d59671cff80617ca7be1d4c664beee49418b5e29be95726c210a66d6db27f1"),
+    "all_on_64x80": ((ALL_ON, True, 5, 64, 80, 2),
+        "358fa34792e301ab3c43be740d166f1b7039d3b653f72572aded53b829a5894f"),
+    "all_on_odd_no_paper": ((ALL_ON, False, 3, 40, 56, 2),
+        "5b4531c45a529173ed7b57e1523338ce612784b2d0c58b937787493ebee71888"),
+    "robust_all_64": ((ROBUST_ALL, True, 8, 64, 64, 8),
+        "7399d306a6f0d96c0ff8c859fa0cb6dbd8eb9ac74c275256ec04aea9776cff36"),
+}
+
+
+def _digest(batches) -> str:
+    digest = hashlib.sha256()
+    for x, y in batches:
+        digest.update(x.contiguous().numpy().tobytes())
+        digest.update(y.contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _recorded_batches(probs, paper, b, h, w, batches):
+    """``batches`` successive batches of one stream, as TrainLoader draws them."""
+    augment, g = RobustAugment(probs, PaperAugment() if paper else None), torch.Generator().manual_seed(11)
+    for k in range(batches):
+        images, masks = _batch(b, h, w, seed=k)
+        yield augment(images, masks, g)
+
+
+@pytest.mark.skipif((torch.__version__.split("+")[0], torch.backends.cpu.get_cpu_capability()) != _RECORDED_PLATFORM,
+                    reason=f"digests recorded with torch {_RECORDED_PLATFORM[0]} on {_RECORDED_PLATFORM[1]}")
+@pytest.mark.parametrize("case", sorted(_RECORDED))
+def test_batches_are_bit_identical_to_the_recorded_ones(case):
+    args, expected = _RECORDED[case]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert _digest(_recorded_batches(*args)) == expected
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_zoom_out_shrinks_the_lesion_by_the_square_of_the_scale():
