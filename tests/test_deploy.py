@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 
 from scsonet.cli.main import main
-from scsonet.deploy import LeanSCSONet, _upsample2x, reparameterize
+from scsonet.deploy import LeanSCSONet, TraceableODConv2d, _upsample2x, reparameterize, traceable
 from scsonet.export import export_onnx
 from scsonet.models import LoadedModel, create_model, load_model
-from scsonet.models.scsonet import _EncoderStage
+from scsonet.layers import EncoderStage
 from scsonet.onnx_runtime import read_metadata, session_options
 from scsonet.transforms import SegmentationPreset
 
@@ -35,7 +35,7 @@ def randomized(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.running_mean.copy_(0.1 * torch.randn(m.running_mean.shape, generator=gen))
                 m.running_var.uniform_(0.5, 1.5, generator=gen)
-            if isinstance(m, _EncoderStage) and isinstance(m.norm, torch.nn.GroupNorm):
+            if isinstance(m, EncoderStage) and isinstance(m.norm, torch.nn.GroupNorm):
                 m.norm.weight[::3] *= -1
     return model.eval()
 
@@ -48,7 +48,7 @@ def models() -> dict[str, torch.nn.Module]:
         # hard gate, kernel attention and the published bridge residual
         "random-variant": randomized(create_model("scsonet", gate="hard", kernel_num=2, bridge_residual="attended"), 1),
         "trained": load_model("scsonet-isic2017").model,
-        "malunet": randomized(create_model("malunet"), 2),  # SCSONet's frame with other blocks
+        "malunet": randomized(create_model("malunet"), 2),  # SCSONet's frame (SCBridgeUNet) with other blocks
     }
 
 
@@ -71,7 +71,7 @@ def test_the_original_model_is_left_untouched(models):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     lean = reparameterize(model)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
-    assert isinstance(model.encoder[0], _EncoderStage) and model.encoder[0].norm.weight.requires_grad
+    assert isinstance(model.encoder[0], EncoderStage) and model.encoder[0].norm.weight.requires_grad
     assert not any(p.requires_grad for p in lean.parameters()) and not lean.training
     memory = {t.data_ptr() for t in model.state_dict().values() if t.numel()}
     assert not memory & {t.data_ptr() for t in lean.state_dict().values() if t.numel()}
@@ -118,3 +118,17 @@ def test_cli_no_reparameterize(tmp_path, capsys):
     assert read_metadata(out)["reparameterized"] == "false"
     assert main(["export", "--format", "torchscript", "--out", str(tmp_path / "m.pt"), "--no-reparameterize"]) == 2
     assert "--no-reparameterize apply to --format onnx only" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["scsonet", "unet"])
+def test_traceable_twin_traces_once_and_runs_at_any_batch_and_size(name):
+    """The export-time swap of the plain graph: traced at one batch and size (multiples of the
+    padding), it gives the eager logits at others, padding and cropping included."""
+    torch.manual_seed(0)
+    model = create_model(name, **({"embed_dims": (4, 8, 16, 32, 64)} if name == "unet" else {})).eval()
+    with torch.no_grad():
+        traced = torch.jit.trace(traceable(model), torch.zeros(1, 3, 64, 64), check_trace=False)
+        for batch, height, width in [(1, 64, 64), (3, 50, 70), (2, 33, 97)]:
+            x = torch.randn(batch, 3, height, width)
+            torch.testing.assert_close(traced(x), model(x), rtol=1e-4, atol=1e-4)
+    assert not any(isinstance(m, TraceableODConv2d) for m in model.modules())  # the model is left alone

@@ -11,13 +11,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from scsonet._twins import retyped
 from scsonet.fast import RUNTIME_ENV, optimizer_options, prepare_for_training
-from scsonet.layers import SRU, ODConv2d, SpatialAttentionBridge
-from scsonet.layers.fast import (
+from scsonet.fast.layers import (
     FastConv2d, FastMaxPool2d, FastODConv2d, FastSCAttentionBridge, FastSpatialAttentionBridge, FastSRU,
-    PhaseConvNormPool, upsample2x_aligned,
+    FastUpsample2x, PhaseConvNormPool, upsample2x_aligned,
 )
-from scsonet.layers.fast import _PhaseMax
+from scsonet.fast.layers import _PhaseMax
+from scsonet.layers import SRU, ODConv2d, SpatialAttentionBridge
 from scsonet.models import create_model, list_models
 
 
@@ -85,7 +86,7 @@ def test_prepare_swaps_the_scsonet_blocks_and_keeps_parameters():
     prepare_for_training(model, "cpu")
     kinds = {type(m) for m in model.modules()}
     fast_kinds = {FastConv2d, FastMaxPool2d, FastODConv2d, PhaseConvNormPool, FastSRU, FastSpatialAttentionBridge,
-                  FastSCAttentionBridge}
+                  FastSCAttentionBridge, FastUpsample2x}
     assert fast_kinds <= kinds
     assert {n: id(p) for n, p in model.named_parameters()} == {n: id(p) for n, p in params.items()}
 
@@ -105,6 +106,16 @@ def test_without_autograd_the_fast_model_is_the_plain_model_bit_for_bit():
     x, _ = image_batch(1, 32, 64)
     with torch.no_grad():
         assert torch.equal(fast(x), plain(x))
+
+
+def test_prepare_leaves_the_process_allocator_alone(monkeypatch):
+    """mallopt is process-wide: only the ``scsonet train`` command opts in (tune_cpu_allocator)."""
+    import ctypes
+
+    calls = []
+    monkeypatch.setattr(ctypes, "CDLL", lambda *args, **kwargs: calls.append(args))
+    prepare_for_training(create_model("scsonet"), "cpu")
+    assert calls == []
 
 
 def test_other_devices_are_left_alone():
@@ -146,7 +157,7 @@ def test_fast_max_pool_routes_gradients_exactly_like_max_pool2d(kind):
         x[0, 1, 2, 3] = x[1, 2, 5, 5] = float("nan")
     grad_y = torch.randn(2, 3, 4, 6, generator=g)
     fast = nn.MaxPool2d(2)
-    fast.__class__ = FastMaxPool2d
+    retyped(fast, FastMaxPool2d)
     y_f, gx_f = pool_grads(fast, x, grad_y)
     y_p, gx_p = pool_grads(nn.MaxPool2d(2), x, grad_y)
     assert torch.equal(y_f, y_p) if kind != "nan" else torch.equal(y_f.isnan(), y_p.isnan())
@@ -200,7 +211,7 @@ def test_fast_conv_matches_conv2d(conv):
     torch.manual_seed(0)
     fast = copy.deepcopy(conv)
     assert FastConv2d.supports(fast)
-    fast.__class__ = FastConv2d
+    retyped(fast, FastConv2d)
     x = torch.randn(2, 32, 40, conv.in_channels).permute(0, 3, 1, 2)  # channels-last strides, as after a permute
     grad_y = torch.randn(2, conv.out_channels, 32, 40)
     _assert_same_forward_and_backward(conv, fast, x, grad_y, tol=1e-4)
@@ -223,7 +234,7 @@ def test_fast_odconv_folds_attentions_into_the_same_function(kernel_num):
     torch.manual_seed(0)
     conv = ODConv2d(4, 6, 3, kernel_num=kernel_num).double()
     fast = copy.deepcopy(conv)
-    fast.__class__ = FastODConv2d
+    retyped(fast, FastODConv2d)
     x = torch.randn(3, 4, 10, 12, dtype=torch.float64)
     grad_y = torch.randn(3, 6, 10, 12, dtype=torch.float64)
     _assert_same_forward_and_backward(conv, fast, x, grad_y, tol=1e-10)
@@ -234,7 +245,7 @@ def test_fast_sru_gates_exactly_like_sru():
     sru = SRU(8).double()
     nn.init.normal_(sru.gn.weight, 1.0, 0.5)  # a spread of weights puts positions on both sides of the gate
     fast = copy.deepcopy(sru)
-    fast.__class__ = FastSRU
+    retyped(fast, FastSRU)
     x = torch.randn(2, 8, 6, 6, dtype=torch.float64)
     outs = []
     for module in (sru, fast):
@@ -250,7 +261,7 @@ def test_fast_sru_gates_exactly_like_sru():
 def test_fast_spatial_attention_shares_channel_max_gradient_among_ties():
     sab = SpatialAttentionBridge().double()
     fast = copy.deepcopy(sab)
-    fast.__class__ = FastSpatialAttentionBridge
+    retyped(fast, FastSpatialAttentionBridge)
     t = torch.randint(0, 2, (2, 4, 32, 32)).double()  # many channel ties
     grads = []
     for module in (sab, fast):
@@ -294,7 +305,7 @@ def _assert_same_forward_and_backward(plain, fast, x, grad_y, tol):
 
 
 def test_spatial_gate_matches_sab_with_its_residual_on_tied_channels():
-    from scsonet.layers.fast import _SpatialGate
+    from scsonet.fast.layers import _SpatialGate
 
     g = torch.Generator().manual_seed(0)
     t = torch.randint(0, 3, (2, 5, 12, 12), generator=g).double()  # channel maxima tie often

@@ -1,9 +1,14 @@
 """Each block alone: shapes, and a tiny check of its defining equation."""
+from functools import partial
+
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
-from scsonet.layers import CRU, EMA, SRU, ODConv2d, PConv, SCAttentionBridge, SCConv, SCFBlock
+from scsonet.layers import (CRU, EMA, SRU, DecoderStage, EncoderStage, ODConv2d, PConv, SCAttentionBridge, SCConv,
+                            SCFBlock, Upsample2x, pad_to_multiple, run_stages)
+from scsonet.models import create_model
 
 
 def test_odconv_with_neutral_attention_is_a_plain_convolution():
@@ -120,3 +125,43 @@ def test_bridge_keeps_every_stage_shape():
 def test_scf_block_changes_channels(decoder):
     block = SCFBlock(24, 32, decoder=decoder)
     assert block(torch.randn(2, 24, 16, 16)).shape == (2, 32, 16, 16)
+
+
+def test_odconv_takes_its_activation_and_norm_layers():
+    conv = ODConv2d(8, 16, 3, act_layer="gelu", norm_layer=partial(nn.GroupNorm, 1))
+    assert type(conv.attention.act) is nn.GELU and type(conv.attention.bn) is nn.GroupNorm
+    assert conv(torch.randn(2, 8, 12, 12)).shape == (2, 16, 12, 12)
+
+
+def test_unext_takes_its_norm_and_mlp_activation_layers():
+    model = create_model("unext_s", norm_layer=nn.InstanceNorm2d, mlp_act_layer="silu")
+    kinds = {type(m) for m in model.modules()}
+    assert nn.InstanceNorm2d in kinds and nn.SiLU in kinds and not {nn.BatchNorm2d, nn.GELU} & kinds
+
+
+@pytest.mark.parametrize("size, padded", [((32, 64), (32, 64)), ((33, 1), (64, 32))])
+def test_pad_to_multiple_replicates_the_bottom_and_right_edges(size, padded):
+    x = torch.randn(1, 2, *size)
+    y = pad_to_multiple(x, 32)
+    assert y.shape[-2:] == padded and torch.equal(y[..., :size[0], :size[1]], x)
+    assert torch.equal(y[..., -1, :size[1]], x[..., -1, :]) and torch.equal(y[..., :size[0], -1], x[..., :, -1])
+    assert (y is x) == (size == padded)
+
+
+def test_encoder_and_decoder_stages_halve_and_double_the_sides():
+    down = EncoderStage(nn.Conv2d(3, 8, 3, padding=1), 8, nn.GELU)
+    deepest = EncoderStage(nn.Conv2d(8, 8, 3, padding=1), 8, nn.GELU, downsample=False)
+    feats = run_stages([down, deepest], torch.randn(2, 3, 16, 24))
+    assert [f.shape for f in feats] == [(2, 8, 8, 12), (2, 8, 8, 12)]
+    up = DecoderStage(nn.Conv2d(8, 4, 3, padding=1), 4, nn.GELU)
+    skip = torch.randn(2, 4, 16, 24)
+    y = up(feats[-1], skip)
+    assert y.shape == (2, 4, 16, 24)
+    torch.testing.assert_close(y - skip, up(feats[-1]))  # the skip is added after the activation
+
+
+def test_upsample2x_is_bilinear_with_aligned_corners():
+    x = torch.randn(1, 2, 5, 7)
+    expected = F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=True)
+    assert torch.equal(Upsample2x()(x), expected)
+    assert torch.equal(Upsample2x()(x)[..., ::9, ::13], x[..., ::4, ::6])  # corners land on corners

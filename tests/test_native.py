@@ -8,8 +8,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from scsonet._twins import retyped
 from scsonet._native import native
-from scsonet.layers.fast import FastConv2d, _DirectConv2d
+from scsonet.fast.layers import FastConv2d, _DirectConv2d
 
 requires_native = pytest.mark.skipif(native() is None, reason="no C compiler here: the PyTorch routes are used")
 
@@ -41,7 +42,7 @@ def test_direct_conv_matches_conv2d_forward_and_backward(shape):
 @requires_native
 def test_fast_conv_takes_the_direct_route_for_one_output_channel(monkeypatch):
     conv = nn.Conv2d(2, 1, 7, padding=9, dilation=3)
-    conv.__class__ = FastConv2d
+    retyped(conv, FastConv2d)
     calls = []
     real = _DirectConv2d.apply
     monkeypatch.setattr(_DirectConv2d, "apply", lambda *a: calls.append(1) or real(*a))

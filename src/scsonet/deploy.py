@@ -37,11 +37,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .layers import CRU, EMA, SRU, ODConv2d, SCAttentionBridge
-from .layers.odconv import per_sample_conv
-from .models.scsonet import SCSONet, _DecoderStage, _EncoderStage, _run_stages
+from ._twins import retyped, swap_twins
+from .layers import CRU, EMA, SRU, BatchNormAnyBatch, EncoderStage, ODConv2d, SCAttentionBridge, Upsample2x
+from .layers import pad_to_multiple, run_stages
+from .models._unet import SCBridgeUNet
 
-__all__ = ["LeanSCSONet", "is_reparameterizable", "reparameterize"]
+__all__ = ["LeanSCSONet", "TraceableODConv2d", "is_reparameterizable", "reparameterize", "traceable"]
 
 
 def _buffer(module: nn.Module, name: str, value: Optional[torch.Tensor], like: torch.Tensor) -> None:
@@ -61,6 +62,55 @@ def _frozen_conv(weight: torch.Tensor, bias: Optional[torch.Tensor], like: torch
     if bias is not None:
         conv.bias = nn.Parameter(bias.to(like.dtype), requires_grad=False)
     return conv.to(like.device)
+
+
+@functools.lru_cache(maxsize=None)
+def _scripted(fn: Callable) -> Callable:
+    return torch.jit.script(fn)
+
+
+def _traceable(fn: Callable) -> Callable:
+    """``fn`` as is, or scripted while tracing: its tests of sizes then survive export as ``If``
+    nodes, which ONNX Runtime folds away once a session pins the input size."""
+    return _scripted(fn) if torch.jit.is_tracing() else fn
+
+
+def per_sample_conv(x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int, dilation: int) -> torch.Tensor:
+    """Convolve each sample of ``x`` with its own kernel ``weight[i]`` (B, Cout, Cin, k, k).
+
+    A batch of one is a plain convolution; larger batches run as im2col + one batched matmul.
+    Unlike the grouped convolution of ``ODConv2d.forward`` (``groups=B``), neither freezes the
+    batch size when traced, and scripted, the branch survives into ONNX as an ``If`` that ONNX
+    Runtime folds away when a session pins the batch to one.
+    """
+    if x.size(0) == 1:
+        return F.conv2d(x, weight[0], None, stride, padding, dilation)
+    b, c, h, w = x.shape
+    out_chs, k = weight.size(1), weight.size(-1)
+    h_out = (h + 2 * padding - dilation * (k - 1) - 1) // stride + 1
+    w_out = (w + 2 * padding - dilation * (k - 1) - 1) // stride + 1
+    x = F.pad(x, [padding, padding, padding, padding])
+    taps = []  # loops, not a nested comprehension: TorchScript compiles this function
+    for i in range(k):
+        rows = x[:, :, i * dilation:i * dilation + (h_out - 1) * stride + 1:stride]
+        for j in range(k):
+            taps.append(rows[..., j * dilation:j * dilation + (w_out - 1) * stride + 1:stride])
+    cols = torch.stack(taps, dim=2).reshape(b, c * k * k, h_out * w_out)
+    return torch.matmul(weight.reshape(b, out_chs, c * k * k), cols).reshape(b, out_chs, h_out, w_out)
+
+
+class TraceableODConv2d(ODConv2d):
+    """``ODConv2d`` whose per-sample kernels run through ``per_sample_conv``: a traced graph of it
+    runs at any batch size (the grouped convolution of ``ODConv2d`` fixes ``groups=B``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = x.shape[0]
+        channel, filt, spatial, kernel = self.attention(x)
+        weight = spatial * self.weight.unsqueeze(0)  # (B, n, Cout, Cin, k, k)
+        if kernel is not None:
+            weight = weight * kernel
+        weight = weight.sum(dim=1) * filt.unsqueeze(-1) * channel.view(b, 1, self.in_chs, 1, 1)
+        return _traceable(per_sample_conv)(x, weight, self.stride, self.padding, self.dilation)
 
 
 class LeanSRU(nn.Module):
@@ -166,17 +216,6 @@ class LeanEMA(nn.Module):
         return (g * torch.sigmoid(weights)).reshape(b, c, h, w)
 
 
-@functools.lru_cache(maxsize=None)
-def _scripted(fn: Callable) -> Callable:
-    return torch.jit.script(fn)
-
-
-def _traceable(fn: Callable) -> Callable:
-    """``fn`` as is, or scripted while tracing: its tests of sizes then survive export as ``If``
-    nodes, which ONNX Runtime folds away once a session pins the input size."""
-    return _scripted(fn) if torch.jit.is_tracing() else fn
-
-
 class LeanODConv(nn.Module):
     """``ODConv2d`` with the attention's BatchNorm folded into its squeeze, the heads (and their
     temperature) in one matrix, and every attention folded into the per-sample kernel."""
@@ -191,6 +230,7 @@ class LeanODConv(nn.Module):
         heads = [att.channel_fc, att.filter_fc, att.spatial_fc] + ([att.kernel_fc] if att.kernel_fc is not None else [])
         _buffer(self, "head_weight", torch.cat([_f64(h.weight)[:, :, 0, 0] for h in heads]) / att.temperature, like)
         _buffer(self, "head_bias", torch.cat([_f64(h.bias) for h in heads]) / att.temperature, like)
+        self.act = att.act
         self.weight = nn.Parameter(like.detach().clone(), requires_grad=False)
         self.sizes = [h.out_channels for h in heads]
         self.in_chs, self.out_chs, self.kernel_size = od.in_chs, od.out_chs, od.kernel_size
@@ -198,7 +238,7 @@ class LeanODConv(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, k = x.shape[0], self.kernel_size
-        z = torch.relu(F.linear(F.adaptive_avg_pool2d(x, 1).flatten(1), self.squeeze_weight, self.squeeze_bias))
+        z = self.act(F.linear(F.adaptive_avg_pool2d(x, 1).flatten(1), self.squeeze_weight, self.squeeze_bias))
         heads = F.linear(z, self.head_weight, self.head_bias)
         n_sig = self.in_chs + self.out_chs + k * k
         channel, filt, spatial = torch.sigmoid(heads[:, :n_sig]).split(self.sizes[:3], dim=1)
@@ -238,8 +278,8 @@ class PoolFirstStage(nn.Module):
         return self.act(F.max_pool2d(n, 2) * self.scale + self.shift)
 
 
-def _pool_first(stage: _EncoderStage) -> Optional[PoolFirstStage]:
-    """The ``PoolFirstStage`` of a downsampling SCSONet encoder stage, else None."""
+def _pool_first(stage: EncoderStage) -> Optional[PoolFirstStage]:
+    """The ``PoolFirstStage`` of a downsampling encoder stage, else None."""
     pool = stage.pool
     if not (type(stage.norm) is nn.GroupNorm and type(pool) is nn.MaxPool2d and pool.kernel_size in (2, (2, 2))
             and pool.stride in (2, (2, 2)) and pool.padding in (0, (0, 0)) and pool.dilation in (1, (1, 1))
@@ -351,19 +391,30 @@ class LeanBridge(nn.Module):
         return [self.merge(*args) for args in zip(feats, attention, spatial, gains)]
 
 
+def _lean_odconv(od: ODConv2d) -> nn.Module:
+    """``LeanODConv`` where the attention's norm is a BatchNorm to fold, else the traceable ODConv."""
+    if type(od.attention.bn) in (nn.BatchNorm2d, BatchNormAnyBatch):
+        return LeanODConv(od)
+    return retyped(od, TraceableODConv2d)
+
+
+def _matmul_upsample(upsample: Upsample2x) -> nn.Module:
+    return MatmulUpsample2x()
+
+
 _LEAN_LAYERS: dict[type, Callable[[nn.Module], nn.Module]] = {
-    SRU: LeanSRU, CRU: LeanCRU, EMA: LeanEMA, ODConv2d: LeanODConv,
+    SRU: LeanSRU, CRU: LeanCRU, EMA: LeanEMA, ODConv2d: _lean_odconv, Upsample2x: _matmul_upsample,
 }
 
 
-def _lean_block(module: nn.Module) -> nn.Module:
-    """``module`` with its known layers swapped for their lean twins, in place (returned)."""
+def _lean_twin(module: nn.Module) -> Optional[nn.Module]:
     lean = _LEAN_LAYERS.get(type(module))
-    if lean is not None:
-        return lean(module)
-    for name, child in module.named_children():
-        setattr(module, name, _lean_block(child))
-    return module
+    return None if lean is None else lean(module)
+
+
+def _lean_block(module: nn.Module) -> nn.Module:
+    """``module``, or its lean twin, with its known layers swapped for their lean twins (in place)."""
+    return _lean_twin(module) or swap_twins(module, _lean_twin)
 
 
 def _interpolation_matrix(n: int, like: torch.Tensor) -> torch.Tensor:
@@ -388,30 +439,13 @@ def _upsample2x(x: torch.Tensor, max_matmul_side: int) -> torch.Tensor:
     return torch.matmul(_interpolation_matrix(h, x), torch.matmul(x, _interpolation_matrix(w, x).t()))
 
 
-class LeanDecoderStage(nn.Module):
-    """An SCSONet decoder stage (block -> GroupNorm -> bilinear x2 -> act, + skip) upsampling small
-    maps by matrix products (``_upsample2x``)."""
+class MatmulUpsample2x(nn.Module):
+    """``Upsample2x`` upsampling small maps by matrix products (``_upsample2x``)."""
 
     max_matmul_side = 64
 
-    def __init__(self, stage: _DecoderStage):
-        super().__init__()
-        self.block, self.norm, self.act, self.upsample = _lean_block(stage.block), stage.norm, stage.act, stage.upsample
-
-    def forward(self, x: torch.Tensor, skip: Optional[torch.Tensor] = None) -> torch.Tensor:
-        x = self.norm(self.block(x))
-        if self.upsample:
-            x = _traceable(_upsample2x)(x, self.max_matmul_side)
-        return self.act(x) if skip is None else self.act(x) + skip
-
-
-def _pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
-    """Replicate-pad bottom and right to multiples of ``multiple``; no op when they are already."""
-    pad_h = (multiple - x.size(2) % multiple) % multiple
-    pad_w = (multiple - x.size(3) % multiple) % multiple
-    if pad_h == 0 and pad_w == 0:
-        return x
-    return F.pad(x, [0, pad_w, 0, pad_h], mode="replicate")
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _traceable(_upsample2x)(x, self.max_matmul_side)
 
 
 def _crop_to(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -422,29 +456,29 @@ def _crop_to(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 class LeanSCSONet(nn.Module):
-    """The output of ``reparameterize`` for an ``SCSONet``: same forward signature and logits."""
+    """The output of ``reparameterize`` for an ``SCSONet`` or ``MALUNet``: same forward signature and logits."""
 
-    def __init__(self, model: SCSONet):
+    def __init__(self, model: SCBridgeUNet):
         super().__init__()
         model = copy.deepcopy(model).eval()
         self.num_classes, self.in_chans, self.pad_multiple = model.num_classes, model.in_chans, model.pad_multiple
         stages = []
         for stage in model.encoder:
-            lean = _pool_first(stage) if isinstance(stage, _EncoderStage) else None
+            lean = _pool_first(stage) if type(stage) is EncoderStage else None
             stages.append(lean if lean is not None else _lean_block(stage))
         self.encoder = nn.ModuleList(stages)
         self.bridge = LeanBridge(model.bridge, model.embed_dims[:len(model.encoder) - 1])
-        self.decoder = nn.ModuleList(LeanDecoderStage(s) if type(s) is _DecoderStage else _lean_block(s)
-                                     for s in model.decoder)
+        self.decoder = nn.ModuleList(_lean_block(s) for s in model.decoder)
         self.segmentation_head = _lean_block(model.segmentation_head)
+        self.head_upsample = model.head_upsample  # full-size maps: Resize is the faster there
         self.requires_grad_(False).eval()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # An empty view that keeps the input's size: traced, an input that needs no padding is the
         # very tensor the pad returns, and its later uses would refer to the pad's output.
         size = x[:, :0]
-        x = _traceable(_pad_to_multiple)(x, self.pad_multiple)
-        feats = _run_stages(self.encoder, x)
+        x = _traceable(pad_to_multiple)(x, self.pad_multiple)
+        feats = run_stages(self.encoder, x)
         attention, spatial, gains = self.bridge.attend(feats[:-1], lazy_first=True)
         x = feats[-1]
         for level, stage in zip(range(len(self.decoder) - 1, 0, -1), self.decoder[:-1]):
@@ -453,19 +487,18 @@ class LeanSCSONet(nn.Module):
         # head(act(u)) + weight @ skip, and weight @ skip is formed without forming the skip.
         head = self.segmentation_head
         x = head(self.decoder[-1](x)) + self.bridge.project(feats[0], attention[0], gains[0], head.weight[:, :, 0, 0])
-        x = F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=True)
-        return _traceable(_crop_to)(x, size)
+        return _traceable(_crop_to)(self.head_upsample(x), size)
 
 
 def is_reparameterizable(model: nn.Module) -> bool:
-    """Whether ``reparameterize`` re-expresses ``model`` (SCSONet and its subclasses, e.g. MALUNet)."""
-    return isinstance(model, SCSONet)
+    """Whether ``reparameterize`` re-expresses ``model`` (the ``SCBridgeUNet`` models: SCSONet, MALUNet)."""
+    return isinstance(model, SCBridgeUNet)
 
 
 def reparameterize(model: nn.Module) -> nn.Module:
     """A leaner inference twin of ``model`` with the same logits; ``model`` itself is not changed.
 
-    For SCSONet (and models built on it, such as MALUNet) the result is a ``LeanSCSONet`` in eval
+    For SCSONet and MALUNet (``SCBridgeUNet``) the result is a ``LeanSCSONet`` in eval
     mode without gradients, its constants derived in float64 and stored in the model's dtype:
     convert ``model`` (e.g. ``.double()``) before, not after. Other models come back as an
     unchanged eval-mode copy. The ODConv attention's BatchNorm is folded with its running
@@ -474,3 +507,35 @@ def reparameterize(model: nn.Module) -> nn.Module:
     if is_reparameterizable(model):
         return LeanSCSONet(model)
     return copy.deepcopy(model).eval()
+
+
+def _traceable_twin(module: nn.Module) -> Optional[nn.Module]:
+    return retyped(module, TraceableODConv2d) if type(module) is ODConv2d else None
+
+
+class _PadCrop(nn.Module):
+    """``model`` between a pad to its ``pad_multiple`` and a crop back, both sized in the graph.
+
+    Traced, the model's own padding is a Python branch on the example input's size; behind this
+    pad it always sees multiples of ``pad_multiple``, where that branch is right for any size.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model, self.pad_multiple = model, model.pad_multiple
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size = x[:, :0]  # as in LeanSCSONet.forward
+        return _traceable(_crop_to)(self.model(_traceable(pad_to_multiple)(x, self.pad_multiple)), size)
+
+
+def traceable(model: nn.Module) -> nn.Module:
+    """An eval-mode copy of ``model`` that ``torch.jit.trace`` (and so the ONNX exporter) turns into a
+    graph for any batch, height and width, with the same logits; ``model`` is not changed.
+
+    The export-time swap of the plain graph: ODConv's grouped convolution (its ``groups`` is the
+    batch size) becomes ``TraceableODConv2d``, and the input is padded and the logits cropped
+    outside the model (``_PadCrop``). ``reparameterize`` does both itself.
+    """
+    model = swap_twins(copy.deepcopy(model).eval(), _traceable_twin)
+    return _PadCrop(model) if hasattr(model, "pad_multiple") else model

@@ -3,11 +3,12 @@
 ONNX export uses PyTorch's TorchScript-based exporter (``torch.onnx.export(..., dynamo=False)``).
 It exports SCSONet with dynamic batch, height and width on every torch from 2.2 on and needs no
 package beyond ``onnx``; the dynamo exporter needs ``onnxscript`` and was still experimental in
-the older releases that ``scsonet`` supports. While tracing, ODConv switches to a per-sample
-im2col matmul (``scsonet.layers.odconv.per_sample_conv``), since its batch-grouped convolution
-would freeze the batch size. By default the ONNX graph is that of
+the older releases that ``scsonet`` supports. By default the ONNX graph is that of
 ``scsonet.deploy.reparameterize(model)``: the same function re-expressed with fewer and cheaper
 operations (a faster graph in ONNX Runtime), still checked against the original eager model.
+Otherwise (``reparameterize=False``, other models, TorchScript) it is the plain model's graph
+through ``scsonet.deploy.traceable(model)``, the export-time swap that lets one graph serve any
+batch and size (the plain model has no branch for tracing).
 
 After writing, the export is checked: ONNX Runtime (or the reloaded TorchScript module) against
 the eager PyTorch model on random inputs (batches of 1, 3 and 8 at the preset size and one
@@ -307,7 +308,8 @@ def export_onnx(loaded: LoadedModel, out: str | os.PathLike, *, opset: int = DEF
     report = ExportReport(out, "onnx", metadata=metadata, exact=quantize is None)
     threshold = float(metadata["threshold"])
     with atomic_path(out) as tmp:
-        _write_onnx(deploy.reparameterize(model) if lean else model, tmp, tuple(loaded.preset.resize_size), opset, metadata)
+        graph = deploy.reparameterize(model) if lean else deploy.traceable(model)
+        _write_onnx(graph, tmp, tuple(loaded.preset.resize_size), opset, metadata)
         if check or quantize:
             batches = check_inputs(loaded, check_images)
         if check:  # through the sessions that ``scsonet predict --backend onnxruntime`` uses
@@ -381,7 +383,7 @@ def export_torchscript(loaded: LoadedModel, out: str | os.PathLike, *, check: bo
     example = torch.zeros(1, 3, *loaded.preset.resize_size)
     with atomic_path(out) as tmp:
         with torch.no_grad():
-            traced = _quiet_export(lambda: torch.jit.trace(model, example, check_trace=False))
+            traced = _quiet_export(lambda: torch.jit.trace(deploy.traceable(model), example, check_trace=False))
         _quiet_export(lambda: torch.jit.save(traced, str(tmp), _extra_files={TORCHSCRIPT_METADATA: json.dumps(metadata)}))
         if check:
             reloaded = _quiet_export(lambda: torch.jit.load(str(tmp), map_location="cpu"))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import multiprocessing as mp
 import multiprocessing.connection
 import os
@@ -30,6 +31,8 @@ from typing import Callable, Iterator
 
 import torch
 import torch.nn as nn
+
+from ._twins import retyped
 
 __all__ = ["SplitBatchStep", "ModelLoss", "cpu_budget"]
 
@@ -176,18 +179,38 @@ class _SplitBatchNormFn(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None
 
 
-def _split_batch_norm_forward(bn: nn.modules.batchnorm._BatchNorm, exchange: _Exchange, x: torch.Tensor):
-    if not (bn.training and exchange.active):
-        return type(bn).forward(bn, x)
-    return _SplitBatchNormFn.apply(x, bn.weight, bn.bias, bn, exchange)
+class _SplitBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """Base of the split twin of a BatchNorm class: while its exchange is active (a split step) and
+    it is training, its statistics cover the slices of all processes; otherwise it is the plain one."""
+
+    exchange: _Exchange | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and self.exchange is not None and self.exchange.active:
+            return _SplitBatchNormFn.apply(x, self.weight, self.bias, self, self.exchange)
+        return super().forward(x)
+
+
+@functools.lru_cache(maxsize=None)
+def _split_twin(cls: type[nn.Module]) -> type[nn.Module]:
+    """The split twin of a BatchNorm class (``BatchNorm2d``, ODConv's ``BatchNormAnyBatch``, ...)."""
+    return type(f"Split{cls.__name__}", (_SplitBatchNorm, cls), {"plain": cls})
 
 
 def _attach(model: nn.Module, exchange: _Exchange) -> list[nn.Module]:
-    """Route the model's BatchNorms through ``exchange`` (an instance ``forward``); returns them."""
+    """Switch the model's BatchNorms to their split twins on ``exchange``; returns them."""
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     for bn in norms:
-        bn.forward = lambda x, bn=bn: _split_batch_norm_forward(bn, exchange, x)
+        retyped(bn, _split_twin(type(bn))).exchange = exchange
     return norms
+
+
+def _detach(norms: list[nn.Module]) -> None:
+    """The plain BatchNorms again."""
+    for bn in norms:
+        if isinstance(bn, _SplitBatchNorm):
+            del bn.exchange
+            retyped(bn, bn.plain)
 
 
 def _flat_grads(params: list[nn.Parameter], out: torch.Tensor) -> None:
@@ -390,10 +413,9 @@ class SplitBatchStep:
         return losses.sum()
 
     def close(self) -> None:
-        """Stop the helper processes and give the model's BatchNorms their own forward back."""
+        """Stop the helper processes and give the model's BatchNorms their plain class back."""
         self._finalizer()
-        for bn in self._norms:
-            bn.__dict__.pop("forward", None)
+        _detach(self._norms)
 
     def __enter__(self) -> SplitBatchStep:
         return self

@@ -33,5 +33,9 @@ def run(args) -> int:
     if args.resume and config is None:
         config = Path(args.resume) / "config.yaml"
     cfg = load_config(config, overrides)
+    if cfg.fast:
+        from ..fast import tune_cpu_allocator
+
+        tune_cpu_allocator()  # process-wide: the command's choice, never a library side effect
     train(cfg, resume=args.resume)
     return 0

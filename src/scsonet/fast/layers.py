@@ -12,7 +12,8 @@ max-pools exactly) and run the plain ops whenever no gradient is recorded (evalu
   direct loops of ``scsonet/_native`` (when a C compiler is there), other thin convs' input
   gradient as a flipped forward conv;
 - ``FastMaxPool2d`` and ``PhaseConvNormPool`` (conv, GroupNorm, max-pool in a 2x2-phase layout);
-- ``upsample2x_aligned``: bilinear x2 with aligned corners from shifted slices, both ways;
+- ``upsample2x_aligned`` (and ``FastUpsample2x``): bilinear x2 with aligned corners from shifted
+  slices, both ways;
 - ``FastODConv2d``, ``FastSRU``, ``FastSpatialAttentionBridge``, ``FastSCAttentionBridge`` (with
   ``_SpatialGate``): the same algebra regrouped into fewer or cheaper passes.
 
@@ -30,13 +31,11 @@ import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
 
 from .._native import native
-from .odconv import ODConv2d
-from .sc_att_bridge import SCAttentionBridge, SpatialAttentionBridge
-from .scconv import SRU
+from ..layers import SRU, ODConv2d, SCAttentionBridge, SpatialAttentionBridge, Upsample2x
 
 __all__ = [
     "FastConv2d", "FastMaxPool2d", "FastODConv2d", "FastSCAttentionBridge", "FastSpatialAttentionBridge", "FastSRU",
-    "PhaseConvNormPool", "upsample2x_aligned",
+    "FastUpsample2x", "PhaseConvNormPool", "upsample2x_aligned",
 ]
 
 
@@ -480,6 +479,13 @@ def upsample2x_aligned(x: torch.Tensor) -> torch.Tensor:
     return _Upsample2xAligned.apply(x.contiguous())
 
 
+class FastUpsample2x(Upsample2x):
+    """``Upsample2x`` by ``upsample2x_aligned``."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return upsample2x_aligned(input)
+
+
 class FastODConv2d(ODConv2d):
     """``ODConv2d`` with the input-channel and output-filter attentions folded into the kernels.
 
@@ -488,7 +494,7 @@ class FastODConv2d(ODConv2d):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.is_grad_enabled() or torch.jit.is_tracing():
+        if not torch.is_grad_enabled():
             return super().forward(x)
         b, _, h, w = x.shape
         channel, filt, spatial, kernel = self.attention(x)

@@ -5,14 +5,16 @@ Original code: https://github.com/OSVAI/ODConv
 """
 from __future__ import annotations
 
-import functools
+from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .helpers import LayerType, get_act_layer
 
-class _BatchNormAnyBatch(nn.BatchNorm2d):
+
+class BatchNormAnyBatch(nn.BatchNorm2d):
     """BatchNorm that falls back to its running statistics for a batch of one in training.
 
     The attention branch normalises a 1x1 pooled map, so a batch of one has a single value per
@@ -39,6 +41,8 @@ class ODConvAttention(nn.Module):
         rd_ratio: reduction of the squeezed descriptor (1/16).
         min_rd_channels: floor on the descriptor width (16).
         temperature: softmax/sigmoid temperature (1.0).
+        act_layer: activation of the squeezed descriptor (``nn.ReLU``).
+        norm_layer: normalisation of the squeezed descriptor (``BatchNormAnyBatch``).
     """
 
     def __init__(
@@ -50,6 +54,8 @@ class ODConvAttention(nn.Module):
         rd_ratio: float = 1 / 16,
         min_rd_channels: int = 16,
         temperature: float = 1.0,
+        act_layer: LayerType = nn.ReLU,
+        norm_layer: Callable[..., nn.Module] = BatchNormAnyBatch,
     ):
         super().__init__()
         rd_chs = max(int(in_chs * rd_ratio), min_rd_channels)
@@ -57,8 +63,8 @@ class ODConvAttention(nn.Module):
         self.kernel_num = kernel_num
         self.temperature = temperature
         self.fc = nn.Conv2d(in_chs, rd_chs, 1, bias=False)
-        self.bn = _BatchNormAnyBatch(rd_chs)
-        self.act = nn.ReLU(inplace=True)
+        self.bn = norm_layer(rd_chs)  # named bn whatever the norm: the state-dict keys of the shipped weights
+        self.act = get_act_layer(act_layer)()
         self.channel_fc = nn.Conv2d(rd_chs, in_chs, 1)
         self.filter_fc = nn.Conv2d(rd_chs, out_chs, 1)
         self.spatial_fc = nn.Conv2d(rd_chs, kernel_size * kernel_size, 1)
@@ -84,36 +90,6 @@ class ODConvAttention(nn.Module):
         return channel, filt, spatial, kernel
 
 
-def per_sample_conv(x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int, dilation: int) -> torch.Tensor:
-    """Convolve each sample of ``x`` with its own kernel ``weight[i]`` (B, Cout, Cin, k, k).
-
-    A batch of one is a plain convolution; larger batches run as im2col + one batched matmul.
-    Unlike the grouped convolution of ``ODConv2d.forward`` (``groups=B``), neither freezes the
-    batch size when traced, and scripted, the branch survives into ONNX as an ``If`` that ONNX
-    Runtime folds away when a session pins the batch to one.
-    """
-    if x.size(0) == 1:
-        return F.conv2d(x, weight[0], None, stride, padding, dilation)
-    b, c, h, w = x.shape
-    out_chs, k = weight.size(1), weight.size(-1)
-    h_out = (h + 2 * padding - dilation * (k - 1) - 1) // stride + 1
-    w_out = (w + 2 * padding - dilation * (k - 1) - 1) // stride + 1
-    x = F.pad(x, [padding, padding, padding, padding])
-    taps = []  # loops, not a nested comprehension: TorchScript compiles this function
-    for i in range(k):
-        rows = x[:, :, i * dilation:i * dilation + (h_out - 1) * stride + 1:stride]
-        for j in range(k):
-            taps.append(rows[..., j * dilation:j * dilation + (w_out - 1) * stride + 1:stride])
-    cols = torch.stack(taps, dim=2).reshape(b, c * k * k, h_out * w_out)
-    return torch.matmul(weight.reshape(b, out_chs, c * k * k), cols).reshape(b, out_chs, h_out, w_out)
-
-
-@functools.lru_cache(maxsize=None)
-def _scripted_per_sample_conv():
-    """``per_sample_conv`` compiled once, on first export (a scripted call keeps its ``if`` in a trace)."""
-    return torch.jit.script(per_sample_conv)
-
-
 class ODConv2d(nn.Module):
     """Convolution whose kernel is re-weighted per sample along all four kernel dimensions.
 
@@ -133,6 +109,8 @@ class ODConv2d(nn.Module):
         kernel_num: number of candidate kernels n (1, as the published SCSONet; the kernel
             attention exists only when n > 1).
         rd_ratio: attention reduction ratio (1/16).
+        act_layer: activation inside the attention (``nn.ReLU``).
+        norm_layer: normalisation inside the attention (``BatchNormAnyBatch``).
 
     Shape:
         (B, in_chs, H, W) -> (B, out_chs, H', W')
@@ -148,6 +126,8 @@ class ODConv2d(nn.Module):
         dilation: int = 1,
         kernel_num: int = 1,
         rd_ratio: float = 1 / 16,
+        act_layer: LayerType = nn.ReLU,
+        norm_layer: Callable[..., nn.Module] = BatchNormAnyBatch,
     ):
         super().__init__()
         if kernel_num < 1:
@@ -159,7 +139,8 @@ class ODConv2d(nn.Module):
         self.padding = dilation * (kernel_size // 2) if padding is None else padding
         self.dilation = dilation
         self.kernel_num = kernel_num
-        self.attention = ODConvAttention(in_chs, out_chs, kernel_size, kernel_num, rd_ratio)
+        self.attention = ODConvAttention(in_chs, out_chs, kernel_size, kernel_num, rd_ratio, act_layer=act_layer,
+                                        norm_layer=norm_layer)
         self.weight = nn.Parameter(torch.empty(kernel_num, out_chs, in_chs, kernel_size, kernel_size))
         for i in range(kernel_num):
             nn.init.kaiming_normal_(self.weight[i], mode="fan_out", nonlinearity="relu")
@@ -170,9 +151,6 @@ class ODConv2d(nn.Module):
         weight = spatial * self.weight.unsqueeze(0)  # (B, n, Cout, Cin, k, k)
         if kernel is not None:
             weight = weight * kernel
-        if torch.jit.is_tracing():  # ONNX / TorchScript export: a graph that runs at any batch size
-            weight = weight.sum(dim=1) * filt.unsqueeze(-1) * channel.view(b, 1, self.in_chs, 1, 1)
-            return _scripted_per_sample_conv()(x, weight, self.stride, self.padding, self.dilation)
         x = x * channel
         weight = weight.sum(dim=1).reshape(b * self.out_chs, self.in_chs, self.kernel_size, self.kernel_size)
         y = F.conv2d(
@@ -185,4 +163,4 @@ class ODConv2d(nn.Module):
         return f"{self.in_chs}, {self.out_chs}, kernel_size={self.kernel_size}, kernel_num={self.kernel_num}"
 
 
-__all__ = ["ODConv2d", "ODConvAttention", "per_sample_conv"]
+__all__ = ["BatchNormAnyBatch", "ODConv2d", "ODConvAttention"]

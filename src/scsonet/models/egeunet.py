@@ -24,11 +24,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..layers import LayerType, get_act_layer
+from ..layers import DecoderStage, EncoderStage, LayerType, Upsample2x, get_act_layer, pad_to_multiple, run_stages
 from ._builder import build_with_weights
 from ._registry import register_model
 from ._weights import EGEUNet_Weights
-from .scsonet import _DecoderStage, _EncoderStage, _run_stages, pad_to_multiple
 
 __all__ = ["EGEUNet", "EGEUNET_AUX_WEIGHTS", "deep_supervision_loss"]
 
@@ -188,24 +187,25 @@ class EGEUNet(nn.Module):
         self.in_chans = in_chans
         self.embed_dims = tuple(c)
         self.encoder = nn.ModuleList([
-            _EncoderStage(nn.Conv2d(in_chans, c[0], 3, padding=1), c[0], act),
-            _EncoderStage(nn.Conv2d(c[0], c[1], 3, padding=1), c[1], act),
-            _EncoderStage(nn.Conv2d(c[1], c[2], 3, padding=1), c[2], act),
-            _EncoderStage(_GroupedHadamardAttention(c[2], c[3], act_layer=act), c[3], act),
-            _EncoderStage(_GroupedHadamardAttention(c[3], c[4], act_layer=act), c[4], act),
-            _EncoderStage(_GroupedHadamardAttention(c[4], c[5], act_layer=act), c[5], act, downsample=False),
+            EncoderStage(nn.Conv2d(in_chans, c[0], 3, padding=1), c[0], act),
+            EncoderStage(nn.Conv2d(c[0], c[1], 3, padding=1), c[1], act),
+            EncoderStage(nn.Conv2d(c[1], c[2], 3, padding=1), c[2], act),
+            EncoderStage(_GroupedHadamardAttention(c[2], c[3], act_layer=act), c[3], act),
+            EncoderStage(_GroupedHadamardAttention(c[3], c[4], act_layer=act), c[4], act),
+            EncoderStage(_GroupedHadamardAttention(c[4], c[5], act_layer=act), c[5], act, downsample=False),
         ])
         # Deepest first, in decoder order: bridge i fuses the output of bridge i - 1 (t6 for the first).
         self.bridge = nn.ModuleList(_GroupAggregationBridge(c[i + 1], c[i]) for i in reversed(range(5)))
         self.aux_heads = nn.ModuleList(nn.Conv2d(c[i], 1, 1) for i in reversed(range(5)))
         self.decoder = nn.ModuleList([
-            _DecoderStage(_GroupedHadamardAttention(c[5], c[4], act_layer=act), c[4], act, upsample=False),
-            _DecoderStage(_GroupedHadamardAttention(c[4], c[3], act_layer=act), c[3], act),
-            _DecoderStage(_GroupedHadamardAttention(c[3], c[2], act_layer=act), c[2], act),
-            _DecoderStage(nn.Conv2d(c[2], c[1], 3, padding=1), c[1], act),
-            _DecoderStage(nn.Conv2d(c[1], c[0], 3, padding=1), c[0], act),
+            DecoderStage(_GroupedHadamardAttention(c[5], c[4], act_layer=act), c[4], act, upsample=False),
+            DecoderStage(_GroupedHadamardAttention(c[4], c[3], act_layer=act), c[3], act),
+            DecoderStage(_GroupedHadamardAttention(c[3], c[2], act_layer=act), c[2], act),
+            DecoderStage(nn.Conv2d(c[2], c[1], 3, padding=1), c[1], act),
+            DecoderStage(nn.Conv2d(c[1], c[0], 3, padding=1), c[0], act),
         ])
         self.segmentation_head = nn.Conv2d(c[0], num_classes, 1)
+        self.head_upsample = Upsample2x()
         self.aux_logits: list[torch.Tensor] = []
         if device is not None or dtype is not None:
             self.to(device=device, dtype=dtype)
@@ -218,7 +218,7 @@ class EGEUNet(nn.Module):
         h, w = x.shape[-2:]
         x = pad_to_multiple(x, self.pad_multiple)
         padded_size = x.shape[-2:]
-        feats = _run_stages(self.encoder, x)
+        feats = run_stages(self.encoder, x)
         x = deep = feats[-1]
         masks = []
         for stage, head, bridge, skip in zip(self.decoder, self.aux_heads, self.bridge, reversed(feats[:-1])):
@@ -226,7 +226,7 @@ class EGEUNet(nn.Module):
             masks.append(head(x))
             deep = bridge(deep, skip, masks[-1])
             x = x + deep
-        logits = F.interpolate(self.segmentation_head(x), scale_factor=2.0, mode="bilinear", align_corners=True)
+        logits = self.head_upsample(self.segmentation_head(x))
         if self.training:
             self.aux_logits = [
                 F.interpolate(m, size=padded_size, mode="bilinear", align_corners=True)[..., :h, :w] for m in masks

@@ -7,7 +7,7 @@ Original code: https://github.com/JCruan519/MALUNet (not used here).
 MALUNet is the skeleton SCSONet was built from: the same six encoder and five decoder stages,
 GroupNorm/pool/GELU around each block and the spatial-channel attention bridge. Only the blocks
 of E4-E6 and D1-D3 differ (MALUNet: inverted external attention + dilated gated attention), so
-MALUNet is ``SCSONet`` with its blocks swapped rather than a second copy of the skeleton.
+both models subclass ``SCBridgeUNet`` (``_unet.py``), which holds the skeleton, and give their blocks.
 """
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ import torch.nn as nn
 from ..layers import LayerType, get_act_layer
 from ._builder import build_with_weights
 from ._registry import register_model
+from ._unet import SCBridgeUNet
 from ._weights import MALUNet_Weights
-from .scsonet import SCSONet
 
 __all__ = ["MALUNet"]
 
@@ -142,7 +142,7 @@ class _MALUNetBlock(nn.Sequential):
             )
 
 
-class MALUNet(SCSONet):
+class MALUNet(SCBridgeUNet):
     """Light-weight U-Net: three plain conv stages, IEA + DGA blocks, spatial-channel attention bridge.
 
     Encoder E1-E3 3x3 convs, E4-E6 IEA + DGA; decoder D1-D3 DGA + IEA, D4-D5 3x3 convs;
@@ -183,18 +183,9 @@ class MALUNet(SCSONet):
         device=None,
         dtype=None,
     ):
-        super().__init__(
-            num_classes=num_classes,
-            in_chans=in_chans,
-            act_layer=act_layer,
-            embed_dims=embed_dims,
-            kernel_num=kernel_num,
-            use_odconv=use_odconv,
-            block_layer=partial(_MALUNetBlock, act_layer=get_act_layer(act_layer)),
-            bridge_residual=bridge_residual,
-            device=device,
-            dtype=dtype,
-        )
+        block_layer = partial(_MALUNetBlock, act_layer=get_act_layer(act_layer))
+        super().__init__(block_layer, num_classes, in_chans, act_layer, embed_dims, use_odconv, kernel_num,
+                         bridge_residual, device, dtype)
 
 
 def _create_malunet(weights: MALUNet_Weights | str | None = None, reset_head: bool = False, **kwargs) -> MALUNet:

@@ -14,10 +14,9 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from ..layers import LayerType, get_act_layer
+from ..layers import LayerType, get_act_layer, pad_to_multiple, run_stages
 from ._builder import no_weights
 from ._registry import register_model
-from .scsonet import _run_stages, pad_to_multiple
 
 __all__ = ["UNet"]
 
@@ -105,7 +104,7 @@ class UNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
         x = pad_to_multiple(x, self.pad_multiple)
-        feats = _run_stages(self.encoder, x)
+        feats = run_stages(self.encoder, x)
         x = feats[-1]
         for stage, skip in zip(self.decoder, reversed(feats[:-1])):
             x = stage(x, skip)

@@ -6,17 +6,16 @@ Original code: https://github.com/jeya-maria-jose/UNeXt-pytorch (not used here).
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..layers import LayerType, get_act_layer
+from ..layers import LayerType, get_act_layer, pad_to_multiple, run_stages
 from ._builder import build_with_weights
 from ._registry import register_model
 from ._weights import UNeXt_S_Weights
-from .scsonet import _run_stages, pad_to_multiple
 
 __all__ = ["UNeXt"]
 
@@ -67,7 +66,10 @@ class _ShiftedMLPBlock(nn.Module):
 
 
 class _TokenStage(nn.Module):
-    """Optional stride-2 3x3 patch embedding (+ LN), one shifted-MLP block, LayerNorm."""
+    """Optional stride-2 3x3 patch embedding (+ LN), one shifted-MLP block, LayerNorm.
+
+    LayerNorm is not ``norm_layer``: it normalises tokens, the norm of a transformer-style block.
+    """
 
     def __init__(self, in_chs: int, dim: int, act_layer, embed: bool = True):
         super().__init__()
@@ -83,12 +85,12 @@ class _TokenStage(nn.Module):
 
 
 class _ConvStage(nn.Module):
-    """3x3 conv -> (BatchNorm) -> resample x2 (max-pool or bilinear up) -> ReLU."""
+    """3x3 conv -> (norm) -> resample x2 (max-pool or bilinear up) -> act."""
 
-    def __init__(self, in_chs: int, out_chs: int, act_layer, up: bool = False, norm: bool = True):
+    def __init__(self, in_chs: int, out_chs: int, act_layer, norm_layer, up: bool = False, norm: bool = True):
         super().__init__()
         self.conv = nn.Conv2d(in_chs, out_chs, 3, padding=1)
-        self.norm = nn.BatchNorm2d(out_chs) if norm else nn.Identity()
+        self.norm = norm_layer(out_chs) if norm else nn.Identity()
         self.up = up
         self.act = act_layer()
 
@@ -109,8 +111,10 @@ class UNeXt(nn.Module):
         num_classes: output channels (1).
         in_chans: input channels (3).
         act_layer: activation class or name of the conv stages (``'relu'``).
+        norm_layer: normalisation class of the conv stages (``nn.BatchNorm2d``).
         embed_dims: channels of the three conv stages and the two token stages
             ((8, 16, 32, 64, 128): UNeXt-S; UNeXt is (16, 32, 128, 160, 256)).
+        mlp_act_layer: activation class or name of the shifted-MLP blocks (``'gelu'``).
         device: device of the parameters (None).
         dtype: dtype of the parameters (None).
 
@@ -132,36 +136,38 @@ class UNeXt(nn.Module):
         num_classes: int = 1,
         in_chans: int = 3,
         act_layer: LayerType = "relu",
+        norm_layer: Callable[..., nn.Module] = nn.BatchNorm2d,
         embed_dims: Sequence[int] = (8, 16, 32, 64, 128),
+        mlp_act_layer: LayerType = "gelu",
         device=None,
         dtype=None,
     ):
         super().__init__()
         if len(embed_dims) != 5:
             raise ValueError(f"embed_dims needs 5 channel counts, got {len(embed_dims)}")
-        act = get_act_layer(act_layer)
+        act, mlp_act = get_act_layer(act_layer), get_act_layer(mlp_act_layer)
         c = list(embed_dims)
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.embed_dims = tuple(c)
         self.encoder = nn.ModuleList([
-            _ConvStage(in_chans, c[0], act),
-            _ConvStage(c[0], c[1], act),
-            _ConvStage(c[1], c[2], act),
-            _TokenStage(c[2], c[3], nn.GELU),
-            _TokenStage(c[3], c[4], nn.GELU),
+            _ConvStage(in_chans, c[0], act, norm_layer),
+            _ConvStage(c[0], c[1], act, norm_layer),
+            _ConvStage(c[1], c[2], act, norm_layer),
+            _TokenStage(c[2], c[3], mlp_act),
+            _TokenStage(c[3], c[4], mlp_act),
         ])
         self.decoder = nn.ModuleList([
-            _ConvStage(c[4], c[3], act, up=True),
-            _ConvStage(c[3], c[2], act, up=True),
-            _ConvStage(c[2], c[1], act, up=True),
-            _ConvStage(c[1], c[0], act, up=True),
-            _ConvStage(c[0], c[0], act, up=True, norm=False),
+            _ConvStage(c[4], c[3], act, norm_layer, up=True),
+            _ConvStage(c[3], c[2], act, norm_layer, up=True),
+            _ConvStage(c[2], c[1], act, norm_layer, up=True),
+            _ConvStage(c[1], c[0], act, norm_layer, up=True),
+            _ConvStage(c[0], c[0], act, norm_layer, up=True, norm=False),
         ])
         # Shifted-MLP blocks after adding the skip at H/16 and H/8.
         self.decoder_tokens = nn.ModuleList([
-            _TokenStage(c[3], c[3], nn.GELU, embed=False),
-            _TokenStage(c[2], c[2], nn.GELU, embed=False),
+            _TokenStage(c[3], c[3], mlp_act, embed=False),
+            _TokenStage(c[2], c[2], mlp_act, embed=False),
         ])
         self.segmentation_head = nn.Conv2d(c[0], num_classes, 1)
         if device is not None or dtype is not None:
@@ -170,7 +176,7 @@ class UNeXt(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
         x = pad_to_multiple(x, self.pad_multiple)
-        skips = _run_stages(self.encoder, x)
+        skips = run_stages(self.encoder, x)
         x = skips[-1]
         skips = skips[-2::-1]  # t4, t3, t2, t1
         for i, stage in enumerate(self.decoder):
