@@ -32,6 +32,7 @@ def _no_training(*args, **kwargs):
     raise AssertionError("train() called for a finished run")
 
 
+@pytest.mark.slow
 def test_writes_table_in_the_papers_columns_and_figure(finished):
     out, result = finished
     assert result.table_md == out / "table.md" and result.figure == out / "dsc_vs_macs.png"
@@ -55,6 +56,7 @@ def test_writes_table_in_the_papers_columns_and_figure(finished):
     assert [r["DSC (%)"] for r in rows if r["Model"] == "scsonet" and r["Source"] != "ours"] == ["88.9700"]
 
 
+@pytest.mark.slow
 def test_table_values_come_from_the_run_reports(finished):
     import json
 
@@ -66,6 +68,7 @@ def test_table_values_come_from_the_run_reports(finished):
     assert row.params == 159_439
 
 
+@pytest.mark.slow
 def test_rerun_keeps_finished_runs_and_rewrites_the_table(prepared, finished, monkeypatch):
     out, _ = finished
     before = (out / "table.md").read_text()
@@ -79,6 +82,7 @@ def test_rerun_keeps_finished_runs_and_rewrites_the_table(prepared, finished, mo
     assert sum("done, kept" in line for line in lines) == len(MODELS) * len(SEEDS)
 
 
+@pytest.mark.slow
 def test_run_without_report_resumes_from_last_checkpoint(prepared, finished, tmp_path, monkeypatch):
     out, _ = finished
     run = "scsonet-honest-s42"
@@ -94,6 +98,7 @@ def test_run_without_report_resumes_from_last_checkpoint(prepared, finished, tmp
     assert (tmp_path / "table.csv").is_file() and not (tmp_path / "dsc_vs_macs.png").exists()
 
 
+@pytest.mark.slow
 def test_run_trained_with_other_settings_is_an_error_naming_it(prepared, finished, monkeypatch, capsys):
     out, _ = finished
     monkeypatch.setattr(benchmark, "train", _no_training)
@@ -108,6 +113,7 @@ def test_run_trained_with_other_settings_is_an_error_naming_it(prepared, finishe
     assert rc == 2 and "scsonet-honest-s42" in err and err.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_cli_keeps_finished_runs_and_prints_the_table(prepared, finished, tmp_path, monkeypatch, capsys):
     out, _ = finished
     shutil.copytree(out / "runs", tmp_path / "runs")

@@ -349,6 +349,7 @@ def test_real_isic2017_pairs_match_split_file():
 
 
 @pytest.mark.realdata
+@pytest.mark.slow
 def test_real_isic2017_prepare_acceptance(isic2017_prepared):
     from scsonet.data import PreparedData
 

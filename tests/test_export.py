@@ -70,6 +70,7 @@ def exported(workdir, checkpoint, images):
     return export_onnx(load_model(checkpoint), workdir / "model.onnx", check_images=images)
 
 
+@pytest.mark.slow
 def test_onnx_check_covers_dynamic_axes_within_tolerance(exported):
     shapes = [c.shape for c in exported.checks]
     assert shapes[:4] == [(1, 3, 256, 256), (3, 3, 256, 256), (8, 3, 256, 256), (1, 3, 250, 333)]
@@ -80,6 +81,7 @@ def test_onnx_check_covers_dynamic_axes_within_tolerance(exported):
     assert exported.path.is_file()
 
 
+@pytest.mark.slow
 def test_onnx_graph_has_dynamic_axes_and_metadata(exported, checkpoint):
     proto = onnx.load(str(exported.path))
     for value in (*proto.graph.input, *proto.graph.output):
@@ -94,6 +96,7 @@ def test_onnx_graph_has_dynamic_axes_and_metadata(exported, checkpoint):
     assert "0..255" in meta["input_range"] and meta["precision"] == "float32"
 
 
+@pytest.mark.slow
 def test_onnx_runs_other_batches_and_sizes(exported, checkpoint):
     """Sizes the check did not try (batch 2, a tall odd image) through the dynamic session."""
     model = load_model(checkpoint).model
@@ -107,6 +110,7 @@ def test_onnx_runs_other_batches_and_sizes(exported, checkpoint):
         assert np.abs(got - expected).max() < 1e-4
 
 
+@pytest.mark.slow
 def test_failing_check_writes_nothing(workdir, checkpoint, monkeypatch):
     """A graph that is off by 1e-3 (a shifted head bias) must be refused, leaving no file behind."""
     monkeypatch.setattr(export_mod, "random_batches", lambda size, seed=0: random_batches((64, 64))[:1])
@@ -125,6 +129,7 @@ def test_failing_check_writes_nothing(workdir, checkpoint, monkeypatch):
     assert not out.parent.exists() or list(out.parent.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_torchscript_round_trip(workdir, checkpoint, monkeypatch):
     monkeypatch.setattr(export_mod, "random_batches", lambda size, seed=0: random_batches((64, 64))[:2])
     out = workdir / "model.ts.pt"
@@ -140,6 +145,7 @@ def test_torchscript_round_trip(workdir, checkpoint, monkeypatch):
             assert torch.allclose(scripted(x), model(x), atol=1e-4)
 
 
+@pytest.mark.slow
 def test_ort_segmenter_matches_torch_segmenter(exported, checkpoint, images):
     rgb = np.stack([np.asarray(Image.open(p).resize((256, 256), Image.BILINEAR)) for p in images])
     for tta in (False, True):
@@ -167,6 +173,7 @@ def test_ort_segmenter_rejects_bad_models(workdir):
         OrtSegmenter(bare)
 
 
+@pytest.mark.slow
 def test_cli_predict_backends_agree(exported, checkpoint, images, workdir):
     outs = {}
     for backend, weights in (("torch", checkpoint), ("onnxruntime", exported.path)):
@@ -186,6 +193,7 @@ def test_cli_export_torchscript_rejects_onnx_options(checkpoint, workdir, capsys
     assert "--quantize and --no-reparameterize apply to --format onnx only" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_int8_export_is_labelled_and_close(workdir, checkpoint, images, monkeypatch):
     monkeypatch.setattr(export_mod, "random_batches", lambda size, seed=0: random_batches(size)[:1])
     report = export_onnx(load_model(checkpoint), workdir / "int8.onnx", check_images=images, quantize="int8")

@@ -97,6 +97,7 @@ def test_segment_and_models_without_torch(tmp_path):
                                                                   "(no module 'torch')"), done.stderr
 
 
+@pytest.mark.slow
 def test_the_shipped_onnx_export_is_fresh(tmp_path):
     spec = importlib.util.spec_from_file_location("shipped_onnx", ROOT / "scripts" / "shipped_onnx.py")
     shipped = importlib.util.module_from_spec(spec)

@@ -31,6 +31,7 @@ def _model(name):
 
 
 @pytest.mark.parametrize("name", ["scsonet", "unet"])  # BatchNorm in ODConv's attention; UNet's BatchNorms
+@pytest.mark.slow
 def test_split_step_matches_one_process_in_float64(name):
     x, y = _batch(5)  # an uneven split: 3 + 2
     loss_fn = ModelLoss(BceDiceLoss())
@@ -47,6 +48,7 @@ def test_split_step_matches_one_process_in_float64(name):
         assert torch.allclose(a.double(), b.double(), rtol=1e-9, atol=1e-12), key
 
 
+@pytest.mark.slow
 def test_split_step_accumulates_like_backward_and_survives_batches_too_small_to_split():
     x, y = _batch(4)
     loss_fn = ModelLoss(BceDiceLoss())
@@ -69,6 +71,7 @@ class _FailsOnSmallSlices:
         return BceDiceLoss()(model(x), y)
 
 
+@pytest.mark.slow
 def test_a_failing_helper_fails_the_step_with_its_error():
     x, y = _batch(5)
     model = _model("malunet")  # no BatchNorm: the main process finishes its slice, then waits

@@ -49,6 +49,7 @@ def _weights(run_dir, name="last.pt"):
     return torch.load(Path(run_dir) / name, map_location="cpu", weights_only=False)["model"]
 
 
+@pytest.mark.slow
 def test_run_writes_its_directory(prepared, tmp_path):
     run_dir = train(_cfg(prepared, tmp_path))
     for name in ("config.yaml", "log.csv", "best.pt", "last.pt", "test/report.json", "test/per_image.csv"):
@@ -61,6 +62,7 @@ def test_run_writes_its_directory(prepared, tmp_path):
 
 
 @pytest.mark.parametrize("processes", [1, 2])
+@pytest.mark.slow
 def test_resume_after_interruption_matches_uninterrupted_run(prepared, tmp_path, monkeypatch, processes):
     whole = train(_cfg(prepared, tmp_path / "whole", epochs=3, processes=processes))
 
@@ -88,6 +90,7 @@ def test_resume_after_interruption_matches_uninterrupted_run(prepared, tmp_path,
 
 
 @pytest.mark.parametrize("protocol, fitted, selected", [("honest", ["train"], "val"), ("paper", ["train", "val"], "test")])
+@pytest.mark.slow
 def test_protocols_read_splits_in_order(prepared, tmp_path, monkeypatch, protocol, fitted, selected):
     from scsonet.data import PreparedData
 
@@ -103,6 +106,7 @@ def test_protocols_read_splits_in_order(prepared, tmp_path, monkeypatch, protoco
     assert f'"protocol": "{protocol}"' in report
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_cleanly_and_keeps_last_good_checkpoint(prepared, tmp_path, monkeypatch):
     import scsonet.train as train_module
 
@@ -156,6 +160,7 @@ def test_config_of_record_is_the_paper_recipe():
     assert cfg.protocol == "honest"
 
 
+@pytest.mark.slow
 def test_two_process_gloo_run_trains_one_epoch(prepared, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -169,6 +174,7 @@ def test_two_process_gloo_run_trains_one_epoch(prepared, tmp_path):
     assert (run_dir / "test" / "report.json").is_file()
 
 
+@pytest.mark.slow
 def test_deep_supervision_side_outputs_enter_the_loss(prepared, tmp_path, monkeypatch):
     import scsonet.train as train_module
 
@@ -183,6 +189,7 @@ def test_deep_supervision_side_outputs_enter_the_loss(prepared, tmp_path, monkey
     assert seen == []
 
 
+@pytest.mark.slow
 def test_budget_stop_reads_no_test_and_the_resume_tests_once_keeping_the_history(prepared, tmp_path, monkeypatch,
                                                                                   capsys):
     from scsonet.data import PreparedData
@@ -229,6 +236,7 @@ def test_a_segment_left_running_is_recorded_as_killed_by_the_next(tmp_path):
         read_segments(tmp_path)
 
 
+@pytest.mark.slow
 def test_non_finite_loss_before_any_checkpoint_names_none(prepared, tmp_path, monkeypatch):
     import scsonet.train as train_module
 
@@ -245,6 +253,7 @@ def test_non_finite_loss_before_any_checkpoint_names_none(prepared, tmp_path, mo
     assert (record["stopped"], record["last_epoch"], record["test_read"]) == ("non-finite loss", 0, False)
 
 
+@pytest.mark.slow
 def test_benchmark_resumes_a_run_that_its_time_budget_stopped(prepared, tmp_path):
     import dataclasses
 

@@ -3,9 +3,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_train_speed_benchmark_writes_every_row(tmp_path):
     out = tmp_path / "train_speed.md"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "train_speed.py"), "--size", "32", "--batch-size", "4",

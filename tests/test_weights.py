@@ -51,6 +51,7 @@ def test_load_pretrained_carries_its_preprocessing():
         load_pretrained("scsonet-isic1999")
 
 
+@pytest.mark.slow
 def test_readme_figures_are_what_their_commands_print():
     result = subprocess.run([sys.executable, str(ROOT / "scripts" / "update_readme.py"), "--check"],
                             capture_output=True, text=True)
@@ -58,6 +59,7 @@ def test_readme_figures_are_what_their_commands_print():
 
 
 @pytest.mark.realdata
+@pytest.mark.slow
 def test_card_figures_equal_a_fresh_evaluation(isic2017_prepared):
     from scsonet.data import PreparedData
     from scsonet.evaluation import evaluate
