@@ -1,8 +1,10 @@
 """CPU latency of every registered model: milliseconds per image at batch 1, images per second at
-batch 8, on a square input (256), with a fixed number of threads (2). Prints a Markdown table.
+batch 8, on a square input (256), with a fixed number of threads (2). Prints a Markdown table;
+``--out FILE`` also writes the command and its output there (the saved outputs in docs/benchmarks/).
 
     .venv/bin/python benchmarks/cpu_latency.py
     .venv/bin/python benchmarks/cpu_latency.py --models scsonet,egeunet --repeats 30
+    .venv/bin/python benchmarks/cpu_latency.py --models scsonet --threads 2,1 --clock wall,cpu
 
 Each figure is the median (``--stat min``: the fastest) of ``--repeats`` timed calls after
 ``--warmup`` untimed ones, in eval mode under ``torch.inference_mode``. Within a backend and batch
@@ -24,6 +26,8 @@ from the same run.
 
 ``--clock cpu`` times with ``time.process_time`` (CPU seconds of this process) instead of the wall
 clock: with ``--threads 1`` a figure that other work on the machine disturbs much less.
+``--threads`` takes several counts, one table each, and ``--clock`` one clock for all of them or
+one per count.
 """
 from __future__ import annotations
 
@@ -33,6 +37,7 @@ import os
 import sys
 import tempfile
 import platform
+import shlex
 import statistics
 import time
 from typing import Callable, Hashable
@@ -40,6 +45,7 @@ from typing import Callable, Hashable
 import torch
 import torch.nn as nn
 
+from scsonet._io import write_text_atomic
 from scsonet.complexity import count_params
 from scsonet.models import LoadedModel, create_model, list_models
 from scsonet.transforms import SegmentationPreset
@@ -62,29 +68,35 @@ def torch_eager(model: nn.Module, x: torch.Tensor) -> Runner:
 
 
 def onnxruntime_backend(quantize: str | None = None, reparameterize: bool = True) -> Backend:
-    """Export each model once (per input size) and time ``OrtSegmenter.logits`` on ``x``."""
+    """Export each model once (per input size) and time ``OrtSegmenter.logits`` on ``x``, in a session
+    with torch's current thread count (one session per count)."""
     from scsonet.export import export_onnx
     from scsonet.inference import sample_images
     from scsonet.onnx_runtime import OrtSegmenter
 
     folder = tempfile.TemporaryDirectory(prefix="cpu_latency_onnx_")
-    segmenters: dict[tuple[int, tuple[int, ...]], OrtSegmenter | None] = {}
+    exports: dict[tuple[int, tuple[int, ...]], str | None] = {}
+    segmenters: dict[tuple[str, int], OrtSegmenter] = {}
 
     def make(model: nn.Module, x: torch.Tensor) -> Runner | None:
         key = (id(model), tuple(x.shape[2:]))
-        if key not in segmenters:
+        if key not in exports:
             loaded = LoadedModel(model, SegmentationPreset(tuple(x.shape[2:])), type(model).__name__, "random init")
-            path = os.path.join(folder.name, f"{id(model)}_{len(segmenters)}.onnx")
+            exports[key] = os.path.join(folder.name, f"{id(model)}_{len(exports)}.onnx")
             try:
-                export_onnx(loaded, path, check=False, quantize=quantize, calibration_images=sample_images(),
+                export_onnx(loaded, exports[key], check=False, quantize=quantize, calibration_images=sample_images(),
                             reparameterize=reparameterize)
-                segmenters[key] = OrtSegmenter(path, threads=torch.get_num_threads())
             except Exception as err:  # a peer model the exporter cannot handle: leave its cells empty
                 print(f"note: {type(model).__name__}: no ONNX Runtime figure ({type(err).__name__}: {err})",
                       file=sys.stderr)
-                segmenters[key] = None
-        segmenter, array = segmenters[key], x.numpy()
-        return None if segmenter is None else (lambda: segmenter.logits(array))
+                exports[key] = None
+        if exports[key] is None:
+            return None
+        session_key = (exports[key], torch.get_num_threads())
+        if session_key not in segmenters:
+            segmenters[session_key] = OrtSegmenter(exports[key], threads=session_key[1])
+        segmenter, array = segmenters[session_key], x.numpy()
+        return lambda: segmenter.logits(array)
 
     make.folder = folder  # keep the exported files alive as long as the backend
     return make
@@ -114,12 +126,11 @@ def interleaved_timings(runners: dict[Hashable, Runner], warmup: int, repeats: i
 
 
 def latency_table(
-    names: list[str], backends: dict[str, Backend], size: int, warmup: int, repeats: int, stat: str = "median",
-    clock: str = "wall",
+    models: dict[str, nn.Module], backends: dict[str, Backend], size: int, warmup: int, repeats: int,
+    stat: str = "median", clock: str = "wall",
 ) -> list[dict]:
     """One row per model: parameters, then per backend ms/image at batch 1 and images/s at batch 8."""
     torch.manual_seed(0)
-    models = {name: create_model(name).eval() for name in names}
     inputs = {b: torch.randn(b, 3, size, size) for b in BATCH_SIZES}
     runners = {
         (name, backend, b): make(model, inputs[b])
@@ -160,14 +171,27 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default="", help="comma-separated names (all registered models)")
     p.add_argument("--size", type=int, default=256, help="square input side (256)")
-    p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (2)")
+    p.add_argument("--threads", default="2", help="torch intra-op threads; comma-separated: one table per count (2)")
     p.add_argument("--warmup", type=int, default=3, help="untimed calls before timing (3)")
     p.add_argument("--repeats", type=int, default=10, help="timed calls per model and batch size (10)")
     p.add_argument("--stat", choices=sorted(STATS), default="median", help="statistic of the timed calls (median)")
-    p.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
-                   help="wall time, or CPU time of the process (steadier on a busy machine with --threads 1) (wall)")
+    p.add_argument("--clock", default="wall",
+                   help="wall time, or cpu: CPU time of the process (steadier on a busy machine with --threads 1); "
+                        "comma-separated: one per --threads count (wall)")
     p.add_argument("--backends", default=",".join(BACKENDS), help=f"comma-separated, of {', '.join(BACKENDS)} (all)")
+    p.add_argument("--out", help="also write the command and its output to this Markdown file")
     args = p.parse_args(argv)
+    try:
+        threads = [int(t) for t in args.threads.split(",")]
+    except ValueError:
+        p.error(f"--threads takes comma-separated integers, got {args.threads!r}")
+    clocks = args.clock.split(",")
+    if unknown := sorted(set(clocks) - set(CLOCKS)):
+        p.error(f"unknown clocks {unknown}; choose from {', '.join(CLOCKS)}")
+    if len(clocks) == 1:
+        clocks *= len(threads)
+    elif len(clocks) != len(threads):
+        p.error(f"--clock gives {len(clocks)} clocks for {len(threads)} thread counts: give one, or one per count")
     names = [n for n in args.models.split(",") if n] or list_models()
     unknown = sorted(set(names) - set(list_models()))
     if unknown:
@@ -175,15 +199,23 @@ def main(argv: list[str] | None = None) -> None:
     chosen = [b for b in args.backends.split(",") if b]
     if unknown := sorted(set(chosen) - set(BACKENDS)):
         p.error(f"unknown backends {unknown}; choose from {', '.join(BACKENDS)}")
-    torch.set_num_threads(args.threads)
-    rows = latency_table(names, {b: BACKENDS[b]() for b in chosen}, args.size, args.warmup, args.repeats, args.stat,
-                         args.clock)
-    load = os.getloadavg()[0]  # other work on the machine inflates every figure: report it
-    print(f"CPU latency ({args.clock} clock) at {args.size}x{args.size}, {args.threads} threads, {args.stat} of "
-          f"{args.repeats} after "
-          f"{args.warmup} warm-up calls; torch {torch.__version__}, {platform.machine()}, "
-          f"{os.cpu_count()} CPUs, load average {load:.1f} at the end\n")
-    print(format_markdown(rows))
+    torch.manual_seed(0)
+    models = {name: create_model(name).eval() for name in names}
+    backends = {b: BACKENDS[b]() for b in chosen}  # each exports a model once, for every table
+    tables = []
+    for count, clock in zip(threads, clocks):
+        torch.set_num_threads(count)  # ONNX Runtime sessions take the count as they are made
+        rows = latency_table(models, backends, args.size, args.warmup, args.repeats, args.stat, clock)
+        load = os.getloadavg()[0]  # other work on the machine inflates every figure: report it
+        tables.append(
+            f"CPU latency ({clock} clock) at {args.size}x{args.size}, {count} threads, {args.stat} of {args.repeats} "
+            f"after {args.warmup} warm-up calls; torch {torch.__version__}, {platform.machine()}, "
+            f"{os.cpu_count()} CPUs, load average {load:.1f} at the end\n\n{format_markdown(rows)}\n"
+        )
+        print(tables[-1], flush=True)
+    if args.out:
+        command = shlex.join(["python", "benchmarks/cpu_latency.py", *(sys.argv[1:] if argv is None else argv)])
+        write_text_atomic(args.out, f"```\n$ {command}\n```\n\n" + "\n".join(tables))
 
 
 if __name__ == "__main__":

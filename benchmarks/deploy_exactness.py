@@ -1,6 +1,7 @@
 """How exact the exported ONNX models are, with and without ``scsonet.deploy.reparameterize``.
 
-    .venv/bin/python benchmarks/deploy_exactness.py --data data/isic2017 --images 650
+    .venv/bin/python benchmarks/deploy_exactness.py --data data/isic2017 --images 650 --random 32 \
+        --out docs/benchmarks/deploy_exactness.md
 
 Exports the weights twice (the model's own graph, and its reparameterized twin, the default of
 ``scsonet export``), runs both through the pinned ONNX Runtime sessions of ``scsonet predict
@@ -14,12 +15,15 @@ from __future__ import annotations
 
 import argparse
 import copy
+import shlex
+import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from scsonet._io import write_text_atomic
 from scsonet.data import PreparedData
 from scsonet.export import export_onnx
 from scsonet.models import load_model
@@ -39,6 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--data", type=Path, default=Path("data/isic2017"), help="prepared dataset (data/isic2017)")
     p.add_argument("--images", type=int, default=100, help="real images, the first of the test split (100)")
     p.add_argument("--random", type=int, default=16, help="standard-normal inputs (16)")
+    p.add_argument("--out", help="also write the command and its output to this Markdown file")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     loaded = load_model(args.weights)
@@ -46,6 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     images = torch.as_tensor(np.asarray(PreparedData(args.data, verify=False).load("test").images[:args.images]))
     inputs = {"real": torch.cat([loaded.preset(images[i:i + 8]) for i in range(0, len(images), 8)]),
               "random": torch.randn(args.random, 3, *loaded.preset.resize_size, generator=torch.Generator().manual_seed(0))}
+    tables = []
     with tempfile.TemporaryDirectory() as tmp:
         segmenters = {}
         for name, lean in (("onnxruntime, model graph", False), ("onnxruntime, reparameterized", True)):
@@ -59,10 +65,14 @@ def main(argv: list[str] | None = None) -> None:
                 results = {"torch float32": torch.cat([model(b) for b in batches]).numpy()}
             for name, segmenter in segmenters.items():
                 results[name] = np.concatenate([segmenter.logits(b.numpy()) for b in batches])
-            print(f"\n{kind} inputs ({len(x)} images): absolute logit error to PyTorch float64\n")
-            print("| backend | max | 99.99 % | mean | mask flips % |\n| --- | ---: | ---: | ---: | ---: |")
-            for name, got in results.items():
-                print(error_row(name, got, exact))
+            lines = [f"{kind} inputs ({len(x)} images): absolute logit error to PyTorch float64", "",
+                     "| backend | max | 99.99 % | mean | mask flips % |", "| --- | ---: | ---: | ---: | ---: |"]
+            lines += [error_row(name, got, exact) for name, got in results.items()]
+            tables.append("\n".join(lines) + "\n")
+            print(tables[-1], flush=True)
+    if args.out:
+        command = shlex.join(["python", "benchmarks/deploy_exactness.py", *(sys.argv[1:] if argv is None else argv)])
+        write_text_atomic(args.out, f"```\n$ {command}\n```\n\n" + "\n".join(tables))
 
 
 if __name__ == "__main__":

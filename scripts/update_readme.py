@@ -3,7 +3,8 @@
 
 A block ``<!-- BEGIN GENERATED: scsonet ARGS -->`` ... ``<!-- END GENERATED -->`` holds the output of
 ``scsonet ARGS``; ``<!-- BEGIN FILE: PATH -->`` ... ``<!-- END FILE -->`` holds a saved benchmark
-output (timings vary from run to run, so they are re-measured by hand and saved, never typed);
+output (timings vary from run to run, so they are re-measured by hand, and the benchmark's own
+``--out`` writes the file: never typed);
 ``<!-- BEGIN STUDY: SPEC -->`` ... ``<!-- END STUDY -->`` holds a study's summary rebuilt from its
 committed run records (what ``scsonet benchmark --study SPEC --no-train`` writes to ``summary.md``,
 with links relative to the README); ``<!-- BEGIN SCRIPT: PATH ARGS -->`` ... ``<!-- END SCRIPT -->`` holds
