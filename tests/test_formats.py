@@ -83,8 +83,8 @@ def test_folder_of_every_format_segments_and_other_files_are_each_named(tmp_path
     rows = predict_files([tmp_path / "in"], seg, tmp_path / "out", progress=False)
 
     by_name = {r["file"].rsplit("/", 1)[-1]: r for r in rows}
-    assert sorted(by_name) == sorted([*colours, "notes.txt", "README"])
-    # All but the two strays segmented: a mask at each file's own size, the first frame's colour seen.
+    assert sorted(by_name) == sorted(colours)  # the two strays are skipped: no rows, no failures
+    # Every image segmented: a mask at each file's own size, the first frame's colour seen.
     ok = {name for name, r in by_name.items() if r["status"] == "ok"}
     assert ok == set(colours)
     for name in ok:
@@ -98,10 +98,29 @@ def test_folder_of_every_format_segments_and_other_files_are_each_named(tmp_path
     err_lines = capsys.readouterr().err.splitlines()
     for stray, why in (("notes.txt", "'.txt' files are not images"), ("README", "files without a suffix")):
         lines = [ln for ln in err_lines if stray in ln]
-        assert len(lines) == 1 and why in lines[0] and "skipped in folder" in lines[0]
-        assert by_name[stray]["status"] == "error" and why in by_name[stray]["error"]
+        assert len(lines) == 1 and lines[0].startswith("note: ") and why in lines[0] and "skipped in folder" in lines[0]
     results = json.loads((tmp_path / "out" / "results.json").read_text())["images"]
     assert len(results) == len(rows)
+
+
+def test_cli_skips_a_stray_file_in_a_folder_and_refuses_one_named_directly(tmp_path, capsys, monkeypatch):
+    from scsonet.cli import predict as cli_predict
+    from scsonet.cli.main import main
+
+    _write_images(tmp_path / "in")
+    (tmp_path / "in" / "notes.txt").write_text("not an image")
+    monkeypatch.setattr(cli_predict, "_torch_segmenter", lambda args: (MeanSegmenter(), "stub"))
+    argv = ["--out", str(tmp_path / "out"), "--quiet", "--backend", "torch"]
+    assert main(["predict", str(tmp_path / "in"), *argv]) == 0
+    captured = capsys.readouterr()
+    assert [ln for ln in captured.err.splitlines() if "notes.txt" in ln] == [captured.err.strip()]
+    assert "0 failed" in captured.out
+    # Named directly, it is a mistake in the command: one error line, exit 2, nothing written.
+    assert main(["predict", str(tmp_path / "in" / "a.png"), str(tmp_path / "in" / "notes.txt"),
+                 "--out", str(tmp_path / "other"), "--quiet", "--backend", "torch"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("scsonet predict: error: ") and "notes.txt: unsupported file type '.txt'" in err
+    assert err.count("\n") == 1 and not (tmp_path / "other").exists()
 
 
 def test_each_format_by_name_and_by_pattern(tmp_path):

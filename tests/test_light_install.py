@@ -97,6 +97,71 @@ def test_segment_and_models_without_torch(tmp_path):
                                                                   "(no module 'torch')"), done.stderr
 
 
+def test_predict_of_one_jpeg_loads_only_what_it_needs(tmp_path):
+    """Start-up: no torch, no tqdm without a terminal, only Pillow's common plugins for a JPEG."""
+    from scsonet.inference import sample_images
+
+    run = _cli("predict", str(sample_images()[0]), "--out", str(tmp_path / "out"))
+    done = _no_torch(f"try:\n    {run}\nfinally:\n"
+                     "    print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'tqdm')),"
+                     " sorted(m for m in sys.modules if m.startswith('PIL.') and m.endswith('ImagePlugin')))")
+    assert done.returncode == 0, done.stderr
+    loaded = done.stdout.splitlines()[-1]
+    assert loaded.startswith("[] [") and "TiffImagePlugin" not in loaded and "JpegImagePlugin" in loaded, loaded
+
+
+def test_the_onnxruntime_backend_builds_one_session_and_reads_the_metadata_from_the_file(monkeypatch):
+    import onnxruntime as ort
+
+    from scsonet import onnx_runtime
+    from scsonet.inference import shipped_onnx
+
+    model, real, built = shipped_onnx("scsonet-isic2017"), ort.InferenceSession, []
+
+    def counting(path, options, **kwargs):
+        built.append(options.graph_optimization_level)
+        return real(path, options, **kwargs)
+
+    monkeypatch.setattr(onnx_runtime.ort, "InferenceSession", counting)
+    images = np.random.default_rng(0).integers(0, 256, (1, 256, 256, 3), dtype=np.uint8)
+    optimized = onnx_runtime.OrtSegmenter(model).predict_probs(images)
+    plain = onnx_runtime.OrtSegmenter(model, optimize=False).predict_probs(images)
+    level = ort.GraphOptimizationLevel
+    assert built == [level.ORT_ENABLE_ALL, level.ORT_DISABLE_ALL]  # none built only to read the metadata
+    assert np.abs(optimized - plain).max() < 1e-4
+    options = ort.SessionOptions()
+    options.graph_optimization_level = level.ORT_DISABLE_ALL
+    session = real(str(model), options, providers=["CPUExecutionProvider"])
+    assert onnx_runtime.read_metadata(model) == dict(session.get_modelmeta().custom_metadata_map)
+
+
+def test_the_cli_builds_an_unoptimised_session_for_a_few_images(tmp_path, monkeypatch):
+    from scsonet import onnx_runtime
+    from scsonet.cli import predict as cli_predict
+    from scsonet.cli.main import main
+
+    built = []
+
+    class Recording:  # stands in for OrtSegmenter: records how it was asked to build its session
+        input_size, reliability = (16, 16), None
+
+        def __init__(self, path, threads=None, tta=False, optimize=True):
+            built.append(optimize)
+
+        def predict_probs(self, images):
+            return np.full((len(images), *self.input_size), 0.9, np.float32)
+
+    monkeypatch.setattr(onnx_runtime, "OrtSegmenter", Recording)
+    monkeypatch.setattr(cli_predict, "FEW_IMAGES", 2)
+    (tmp_path / "in").mkdir()
+    for i in range(3):
+        Image.new("RGB", (20, 14), (200, 40, 40)).save(tmp_path / "in" / f"{i}.png")
+    for inputs in ([tmp_path / "in" / "0.png"], [tmp_path / "in"]):
+        assert main(["predict", *map(str, inputs), "--out", str(tmp_path / "out"), "--quiet",
+                     "--backend", "onnxruntime"]) == 0
+    assert built == [False, True]  # 1 image: start-up counts most; 3 (> FEW_IMAGES): the runs do
+
+
 @pytest.mark.slow
 def test_the_shipped_onnx_export_is_fresh(tmp_path):
     spec = importlib.util.spec_from_file_location("shipped_onnx", ROOT / "scripts" / "shipped_onnx.py")

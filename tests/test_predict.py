@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import scsonet
 from _synthdata import random_scsonet_checkpoint
 from scsonet.cli.main import main
 from scsonet.errors import ScsonetError
-from scsonet.imageio import expand_inputs, read_image, to_rgb_array
+from scsonet.imageio import encode_mask_png, expand_inputs, read_image, to_rgb_array
 from scsonet.inference import TorchSegmenter, predict_files, sample_images
 from scsonet.models import load_model
 from scsonet.postprocess import erode, summarize
@@ -192,6 +193,36 @@ def test_no_lesion_is_reported_and_labelled_not_outlined(tmp_path, capsys):
     overlay = np.asarray(Image.open(tmp_path / "out" / "clear_overlay.png"))
     assert not (overlay == [0, 255, 0]).all(axis=2).any()
     assert (overlay != 200).any(), "the overlay carries a visible 'no lesion found' label"
+
+
+def test_mask_png_reads_back_as_pillow_writes_it():
+    mask = np.random.default_rng(0).random((37, 53)) < 0.3
+    mask[5:30, 10:40] = True
+    decoded = Image.open(io.BytesIO(encode_mask_png(mask)))
+    assert decoded.mode == "L" and decoded.size == (53, 37)
+    np.testing.assert_array_equal(np.asarray(decoded), mask.astype(np.uint8) * 255)
+
+
+def test_notes_and_errors_are_whole_lines_and_the_bar_is_drawn_only_on_a_terminal(tmp_path, capsys, monkeypatch):
+    clear = [save(tmp_path / f"clear{i}.png", Image.fromarray(np.full((50, 70, 3), 200, np.uint8))) for i in range(3)]
+    (tmp_path / "cut.png").write_bytes(b"\x89PNG\r\n\x1a\n")  # an error among them
+    inputs = [clear[0], tmp_path / "cut.png", *clear[1:]]
+    predict_files(inputs, DiskSegmenter(radius=0), tmp_path / "log", progress=True, batch_size=1)
+    captured = capsys.readouterr()  # not a terminal, as in a CI log
+    lines = captured.out.splitlines() + captured.err.splitlines()
+    assert "\r" not in captured.out + captured.err and all(ln.startswith(("note: ", "error: ")) for ln in lines), lines
+    assert sum("no lesion found" in ln for ln in lines) == 3 and sum("cut.png" in ln for ln in lines) == 1
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    predict_files(inputs, DiskSegmenter(radius=0), tmp_path / "tty", progress=True, batch_size=1)
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 3 and all(ln.startswith("note: ") and ln.endswith("< threshold 0.5)") for ln in out), out
+    assert "4/4" in terminal.getvalue() and "error: " in terminal.getvalue()
 
 
 def test_continue_skips_done_images_unless_settings_change(tmp_path):

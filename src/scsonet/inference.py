@@ -19,7 +19,6 @@ import io
 import json
 import os
 import sys
-from importlib import resources
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Optional, Protocol, Sequence
@@ -29,7 +28,7 @@ from PIL import Image
 
 from ._io import atomic_path, fsync_dir, write_json_atomic, write_text_atomic
 from .errors import ScsonetError
-from .imageio import IMAGE_SUFFIXES, ImageLike, LazyImage, expand_inputs, read_draft, to_rgb_array
+from .imageio import ImageLike, LazyImage, encode_mask_png, expand_inputs, is_image_suffix, read_draft, to_rgb_array
 from .postprocess import (draw_overlay, probabilities_to_uint8, resize_image, resize_probabilities,
                           summarize)
 from .reliability import ReliabilityModel, default_model_path, reliability_features
@@ -57,6 +56,9 @@ _REQUIRED_FIELDS = RESULT_FIELDS[:RESULT_FIELDS.index("two_pass")]
 PROBABILITY_FORMATS = ("png", "npy")
 JOURNAL_NAME = "results.jsonl"  # in --out: one line per finished input, every run's
 _O_BINARY = getattr(os, "O_BINARY", 0)  # Windows would otherwise translate the newlines
+# The installed package's folder (its data files are plain files: ONNX Runtime needs a path anyway);
+# importlib.resources would cost start-up time for the same answer.
+_PACKAGE = Path(__file__).resolve().parent
 # Longest side of the overlay PNG by default (the mask is always at full size): a 12 MP photo's
 # full-size overlay costs more to draw and compress than everything else together.
 PREVIEW_SIDE = 1024
@@ -159,8 +161,7 @@ def find_reliability_model(weights: str | os.PathLike) -> Optional[ReliabilityMo
 
 def sample_images() -> list[Path]:
     """The dermoscopic images shipped with the package (ISIC 2017 test set, CC0)."""
-    folder = Path(str(resources.files("scsonet").joinpath("samples")))
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    return sorted(p for p in (_PACKAGE / "samples").iterdir() if is_image_suffix(p.suffix))
 
 
 # Pretrained names -> their ONNX export in scsonet/weights (scripts/shipped_onnx.py builds it), which
@@ -172,7 +173,7 @@ def shipped_onnx(name: str) -> Optional[Path]:
     """The shipped ONNX export of pretrained weights ``name``, or None if there is none."""
     if name not in SHIPPED_ONNX:
         return None
-    path = Path(str(resources.files("scsonet").joinpath("weights", SHIPPED_ONNX[name])))
+    path = _PACKAGE / "weights" / SHIPPED_ONNX[name]
     return path if path.is_file() else None
 
 
@@ -272,7 +273,7 @@ def _write_outputs(paths: dict[str, Path], rgb: np.ndarray | LazyImage, probs: n
             else:
                 Image.fromarray(probabilities_to_uint8(probs)).save(tmp, format="PNG")
     with atomic_path(paths["mask"]) as tmp:
-        Image.fromarray(mask.astype(np.uint8) * 255).save(tmp, format="PNG", compress_level=1)  # 2x faster
+        tmp.write_bytes(encode_mask_png(mask))
     with atomic_path(paths["overlay"]) as tmp:
         picture = _overlay_picture(rgb, overlay_side)
         if picture.shape[:2] != mask.shape:  # the outline drawn on the preview: the mask shrunk to it
@@ -464,7 +465,9 @@ def predict_files(inputs: Sequence[str | os.PathLike], segmenter: Segmenter, out
     (``scsonet.twopass``). With a ``reliability`` model, each row gets ``reliability`` and
     ``review``, and a reviewed image's overlay an amber "REVIEW" banner. A bad input of any kind (unreadable, truncated,
     over the pixel limit, out of memory) is reported on stderr in one line and becomes an error
-    row; the others are still done.
+    row; the others are still done. A file in a folder (or matched by a pattern) that is not an
+    image is named in a "note:" line on stderr and skipped (no row); a file named directly that is
+    not an image is a ``ScsonetError``, raised before anything is written.
 
     The folder's record: as each input is finished, its row (with the run's ``settings``:
     backend, weights, ..., threshold) is appended to ``results.jsonl`` and synced to disk, after
@@ -484,11 +487,10 @@ def predict_files(inputs: Sequence[str | os.PathLike], segmenter: Segmenter, out
     the same ``settings`` and its outputs (as this call would write them) exist.
 
     Returns:
-        This run's rows, one per input image and one per input that yields none, in input order;
+        This run's rows, one per input image and one per input that yields none (a skipped stray
+        file yields no row), in input order;
         keys ``RESULT_FIELDS``; ``.already_done`` counts the reused ones.
     """
-    from tqdm import tqdm
-
     if save_probabilities not in (None, *PROBABILITY_FORMATS):
         raise ScsonetError(f"save_probabilities must be one of {PROBABILITY_FORMATS}, not {save_probabilities!r}")
     if not 0.0 <= threshold <= 1.0:
@@ -503,11 +505,19 @@ def predict_files(inputs: Sequence[str | os.PathLike], segmenter: Segmenter, out
         settings["reliability"] = reliability_setting(reliability, two_pass)
     if overlay_side is None:
         settings["full_overlay"] = True
+    paths, input_errors = expand_inputs(inputs)
+    for err in input_errors:
+        if err.not_an_image:  # before the output folder is made: a wrong command writes nothing
+            raise ScsonetError(err.message)
     journal = _open_out_dir(out_dir)
     rows: dict[str, dict[str, Any]] = {}  # by file, filled in any order, returned in input order
+    bar = None  # the progress bar, drawn only on a terminal: in a log its redraws would garble the lines
 
     def log(message: str, stream=sys.stdout) -> None:
-        tqdm.write(message, file=stream)
+        if bar is None:
+            print(message, file=stream, flush=True)
+        else:
+            bar.write(message, file=stream)  # clears the bar, prints the line, redraws the bar below it
 
     def record(row: dict[str, Any]) -> None:
         journal.append(row, settings)
@@ -517,13 +527,14 @@ def predict_files(inputs: Sequence[str | os.PathLike], segmenter: Segmenter, out
         log(f"error: {message}", sys.stderr)
         record(_error_row(file, message))
 
-    order: list[str] = []
-    bar, reused = None, 0
+    order = [err.source for err in input_errors if not err.skipped] + [str(p) for p in paths]
+    reused = 0
     try:
-        paths, input_errors = expand_inputs(inputs)
-        order = [err.source for err in input_errors] + [str(p) for p in paths]
         for err in input_errors:
-            fail(err.source, err.message)
+            if err.skipped:  # a stray file in a folder is named, not counted as a failure
+                log(f"note: {err.message}", sys.stderr)
+            else:
+                fail(err.source, err.message)
         current = _current_entries(journal.read()) if skip_existing else {}
 
         todo: list[tuple[Path, dict[str, Path]]] = []
@@ -550,7 +561,10 @@ def predict_files(inputs: Sequence[str | os.PathLike], segmenter: Segmenter, out
         if skip_existing and current:
             log(f"--continue: {reused} image(s) already done in {out_dir}")
 
-        bar = tqdm(total=len(todo), unit="image", disable=not progress or len(todo) < 2, file=sys.stderr)
+        if progress and len(todo) > 1 and sys.stderr.isatty():
+            from tqdm import tqdm  # imported only when drawn: it costs start-up time
+
+            bar = tqdm(total=len(todo), unit="image", file=sys.stderr)
         for start in range(0, len(todo), batch_size):
             chunk = todo[start:start + batch_size]
             batch = []
@@ -574,7 +588,8 @@ def predict_files(inputs: Sequence[str | os.PathLike], segmenter: Segmenter, out
                         f"< threshold {threshold})")
                 if row["review"]:
                     log(f"note: {path}: review: the outline may be wrong (reliability {row['reliability']:.3f})")
-            bar.update(len(chunk))
+            if bar is not None:
+                bar.update(len(chunk))
     finally:  # an interrupted run still rebuilds results.csv/json from what the folder finished
         if bar is not None:
             bar.close()

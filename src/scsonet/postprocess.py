@@ -6,11 +6,14 @@ so they give the same masks from the same probabilities.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
+
+if TYPE_CHECKING:
+    from PIL import ImageDraw, ImageFont
 
 __all__ = ["LesionSummary", "REVIEW_COLOR", "crop_resized", "draw_overlay", "erode", "outline", "probabilities_to_uint8", "resize_image",
            "resize_probabilities", "summarize"]
@@ -98,6 +101,8 @@ def outline(mask: np.ndarray, width: int) -> np.ndarray:
 
 
 def _label_font(image_height: int) -> ImageFont.ImageFont:
+    from PIL import ImageFont  # only labels need it (and its FreeType module): kept off start-up
+
     try:
         return ImageFont.load_default(size=max(12, image_height // 16))
     except TypeError:  # Pillow < 10.1: only the small bitmap font
@@ -132,6 +137,8 @@ def draw_overlay(rgb: np.ndarray, mask: np.ndarray, review: bool = False,
     image = Image.fromarray(canvas)
     if mask.any() and not review:
         return image
+    from PIL import ImageDraw
+
     draw = ImageDraw.Draw(image)
     if not mask.any():
         _label(draw, ("no lesion found",), height, width, False, (0, 0, 0), (255, 255, 0), False)
