@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from ._device import resolve_device
 from ._io import write_json_atomic, write_text_atomic
 from .errors import ScsonetError
+from .imageio import TTA_FLIPS
 from .metrics import MetricAccumulator, per_image_metrics, per_image_scores, pooled_metrics, summarize_hd95
 from .models import LoadedModel
 from .transforms import SegmentationPreset
@@ -36,8 +37,6 @@ PER_IMAGE_COLUMNS = ("id", "dice", "iou", "hd95", "tp", "fp", "fn", "tn")
 # evaluate_folder's rows also carry what ``scsonet predict`` writes per image (its results.csv's fields)
 PREDICT_COLUMNS = ("two_pass", "reliability", "review")
 
-# Flip axes of the test-time augmentation: identity, horizontal, vertical, both. Each is its own inverse.
-TTA_FLIPS: tuple[tuple[int, ...], ...] = ((), (-1,), (-2,), (-2, -1))
 
 
 class SplitLike(Protocol):

@@ -21,8 +21,12 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from .errors import ScsonetError
 from .postprocess import resize_image
 
-__all__ = ["IMAGE_SUFFIXES", "ImageLike", "InputError", "LazyImage", "encode_mask_png", "expand_inputs", "image_suffixes",
-           "is_image_suffix", "read_draft", "read_image", "shrink_to", "to_rgb_array"]
+__all__ = ["IMAGE_SUFFIXES", "ImageLike", "InputError", "LazyImage", "TTA_FLIPS", "encode_mask_png", "expand_inputs",
+           "image_suffixes", "is_image_suffix", "read_draft", "read_image", "shrink_to", "to_rgb_array"]
+
+# Flips of the test-time augmentation, as axes of an (N, C, H, W) array or tensor: identity,
+# horizontal, vertical, both. Each is its own inverse. (Here, without torch, for both backends.)
+TTA_FLIPS: tuple[tuple[int, ...], ...] = ((), (3,), (2,), (2, 3))
 
 _ORIENTATION = 0x0112  # the EXIF tag
 

@@ -25,7 +25,7 @@ import onnxruntime as ort
 
 from ._checks import check_preprocessing
 from .errors import ScsonetError
-from .imageio import ImageLike, to_rgb_array
+from .imageio import TTA_FLIPS, ImageLike, to_rgb_array
 from .reliability import ReliabilityModel
 
 __all__ = ["INPUT_NAME", "OUTPUT_NAME", "ModelInfo", "OrtSegmenter", "make_session", "read_metadata",
@@ -33,9 +33,6 @@ __all__ = ["INPUT_NAME", "OUTPUT_NAME", "ModelInfo", "OrtSegmenter", "make_sessi
 
 INPUT_NAME = "image"
 OUTPUT_NAME = "logits"
-# Flips of the test-time augmentation, as axes of an (N, C, H, W) array: the same four as
-# ``scsonet.evaluation.TTA_FLIPS`` (identity, horizontal, vertical, both).
-TTA_FLIPS: tuple[tuple[int, ...], ...] = ((), (3,), (2,), (2, 3))
 # Metadata keys that ``OrtSegmenter`` needs; ``scsonet export`` writes these and a few more.
 REQUIRED_METADATA = ("resize_size", "mean", "std", "threshold")
 MAX_SESSIONS = 4  # sessions an OrtSegmenter keeps, one per batch size seen

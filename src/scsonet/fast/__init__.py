@@ -99,6 +99,8 @@ def prepare_for_training(model: nn.Module, device: torch.device | str = "cpu") -
     """
     if torch.device(device).type != "cpu":
         return model
+    # Not a new twin built from the model (STYLE.md 12, torchvision's quantizable networks): the
+    # trainer's optimizer, checkpoints and DDP wrapper keep working on the very same parameters.
     return swap_twins(model, _fast_twin)
 
 

@@ -18,6 +18,8 @@ from ._weights import SCSONet_Weights
 __all__ = ["SCSONet"]
 
 
+# Unlike a timm model file (STYLE.md 2), forward is not here but in SCBridgeUNet: MALUNet's skeleton,
+# which SCSONet keeps, exists once for both models.
 class SCSONet(SCBridgeUNet):
     """U-shaped lesion segmenter: ConvStem (conv, ODConv, conv), SCF blocks, attention bridge.
 
