@@ -1,4 +1,10 @@
-"""Deploy-time re-expression of SCSONet: the same function with fewer and cheaper operations.
+"""The export twins of the plain models: graphs of the same function that a tracer can take.
+
+The plain models know nothing of export. ``traceable(model)`` is the export-time swap of the
+model's own graph: ODConv's batch-grouped convolution becomes a per-sample one and the padding
+to a multiple of 32 moves outside the model, so one traced graph serves any batch and size.
+The ODConv swap goes by type through ``scsonet._twins.swap_twins``, as the lean layers below do;
+the padding is a wrapper around the model (``_PadCrop``).
 
 ``reparameterize(model)`` returns a new inference module (``model`` is left untouched) whose every
 change is an identity of real numbers, so it computes the same logits: in float64 the two agree
