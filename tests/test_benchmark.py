@@ -126,6 +126,7 @@ def test_cli_keeps_finished_runs_and_prints_the_table(prepared, finished, tmp_pa
     assert (tmp_path / "table.md").is_file() and (tmp_path / "dsc_vs_macs.png").is_file()
 
 
+@pytest.mark.slow
 def test_bad_requests_fail_before_any_training(prepared, tmp_path, monkeypatch):
     monkeypatch.setattr(benchmark, "train", _no_training)
     with pytest.raises(ScsonetError, match="unknown model 'nope'"):

@@ -102,6 +102,7 @@ def _pinned_node_count(path, tmp_path) -> int:
     return len(onnx.load(options.optimized_model_filepath).graph.node)
 
 
+@pytest.mark.slow
 def test_export_of_the_lean_twin_passes_the_check_with_fewer_nodes(models, tmp_path):
     loaded = LoadedModel(models["random-variant"], SegmentationPreset((256, 256)), "scsonet", "random")
     report = export_onnx(loaded, tmp_path / "lean.onnx")  # raises unless within the check's tolerances
@@ -112,6 +113,7 @@ def test_export_of_the_lean_twin_passes_the_check_with_fewer_nodes(models, tmp_p
     assert _pinned_node_count(report.path, tmp_path) < 0.95 * _pinned_node_count(plain.path, tmp_path)
 
 
+@pytest.mark.slow
 def test_cli_no_reparameterize(tmp_path, capsys):
     out = tmp_path / "plain.onnx"
     assert main(["export", "--out", str(out), "--no-reparameterize", "--no-check"]) == 0
@@ -121,6 +123,7 @@ def test_cli_no_reparameterize(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("name", ["scsonet", "unet"])
+@pytest.mark.slow
 def test_traceable_twin_traces_once_and_runs_at_any_batch_and_size(name):
     """The export-time swap of the plain graph: traced at one batch and size (multiples of the
     padding), it gives the eager logits at others, padding and cropping included."""
