@@ -22,6 +22,7 @@ Anything drawn over the lesion (fingers, ruler, frame, a canvas) is background i
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Mapping
 
@@ -115,7 +116,14 @@ def _border_mean(images: torch.Tensor) -> torch.Tensor:
     return total / (h * w - (h - 2 * r) * (w - 2 * r))
 
 
-def _dct_matrix(device, dtype) -> torch.Tensor:
+@functools.lru_cache(maxsize=None)
+def _constant(values: tuple, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A constant tensor, made once per device and dtype (callers never write to it)."""
+    return torch.tensor(values, device=device, dtype=dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _dct_matrix(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """The 2-D 8x8 DCT-II as one orthonormal 64x64 matrix acting on row-major blocks."""
     k = torch.arange(8, dtype=torch.float64)
     d = torch.cos(math.pi * (2 * k[None, :] + 1) * k[:, None] / 16) * math.sqrt(2 / 8)
@@ -124,19 +132,24 @@ def _dct_matrix(device, dtype) -> torch.Tensor:
 
 
 def _quant_tables(quality: torch.Tensor, table: tuple[int, ...]) -> torch.Tensor:
-    """libjpeg's quality scaling of an Annex K table, per sample: (N, 1, 1, 1, 64)."""
+    """libjpeg's quality scaling of an Annex K table, per sample: (N, 1, 1, 64)."""
     q = quality.clamp(1, 100)[:, None]
     scale = torch.where(q < 50, 5000 / q, 200 - 2 * q)
-    base = torch.tensor(table, dtype=q.dtype, device=q.device)
-    return torch.floor((base * scale + 50) / 100).clamp(1, 255).view(-1, 1, 1, 1, 64)
+    base = _constant(table, q.device, q.dtype)
+    return torch.floor((base * scale + 50) / 100).clamp(1, 255).view(-1, 1, 1, 64)
 
 
 def _dct_quantise(x: torch.Tensor, q: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    """Round each 8x8 block's DCT coefficients to multiples of ``q``: (N, C, H, W), H and W multiples of 8."""
-    n, c, h, w = x.shape
-    blocks = x.view(n, c, h // 8, 8, w // 8, 8).transpose(3, 4).reshape(n, c, h // 8, w // 8, 64)
-    coef = torch.round(blocks @ d.T / q) * q
-    return (coef @ d).view(n, c, h // 8, w // 8, 8, 8).transpose(3, 4).reshape(n, c, h, w)
+    """Round each 8x8 block's DCT coefficients to multiples of ``q``: (..., H, W), H and W multiples of 8."""
+    *lead, h, w = x.shape
+    blocks = x.reshape(*lead, h // 8, 8, w // 8, 8).transpose(-3, -2).reshape(*lead, h // 8, w // 8, 64)
+    coef = (blocks @ d.T).div_(q).round_().mul_(q)
+    return (coef @ d).view(*lead, h // 8, w // 8, 8, 8).transpose(-3, -2).reshape(*lead, h, w)
+
+
+def _mean_2x2(x: torch.Tensor) -> torch.Tensor:
+    """``F.avg_pool2d(x, 2)`` bit for bit (the same sums in the same order), twice as fast on the CPU."""
+    return (((x[..., ::2, ::2] + x[..., ::2, 1::2]) + x[..., 1::2, ::2]) + x[..., 1::2, 1::2]) / 4
 
 
 _RGB_TO_YCC = ((0.299, 0.587, 0.114), (-0.168736, -0.331264, 0.5), (0.5, -0.418688, -0.081312))
@@ -153,15 +166,18 @@ def jpeg_like(x: torch.Tensor, quality: torch.Tensor) -> torch.Tensor:
     ph, pw = (-h) % 16, (-w) % 16
     if ph or pw:
         x = F.pad(x, (0, pw, 0, ph), mode="replicate")
-    m = torch.tensor(_RGB_TO_YCC, dtype=x.dtype, device=x.device)
-    ycc = torch.einsum("ij,njhw->nihw", m, x - 128)
+    hp, wp = x.shape[-2:]
+    # Channel-major (3, N, H, W) planes, each contiguous: one matrix product per colour conversion.
+    planes = torch.sub(x.transpose(0, 1), 128, out=x.new_empty(3, n, hp, wp))
+    ycc = torch.bmm(_constant(_RGB_TO_YCC, x.device, x.dtype)[None], planes.view(1, 3, -1)).view(3, n, hp, wp)
     d = _dct_matrix(x.device, x.dtype)
     quality = quality.to(x.dtype)
-    y = _dct_quantise(ycc[:, :1], _quant_tables(quality, _Q_LUMA), d)
-    chroma = _dct_quantise(F.avg_pool2d(ycc[:, 1:], 2), _quant_tables(quality, _Q_CHROMA), d)
-    ycc = torch.cat([y, F.interpolate(chroma, scale_factor=2, mode="bilinear", align_corners=False)], 1)
-    out = torch.einsum("ij,njhw->nihw", torch.tensor(_YCC_TO_RGB, dtype=x.dtype, device=x.device), ycc) + 128
-    return out[..., :h, :w].clamp_(0, 255)
+    # Chroma sample-major (N, 2, H/2, W/2): the upsampling's rounding depends on the planes' order.
+    chroma = _dct_quantise(_mean_2x2(ycc[1:]).transpose(0, 1), _quant_tables(quality, _Q_CHROMA)[:, None], d)
+    ycc[0] = _dct_quantise(ycc[0], _quant_tables(quality, _Q_LUMA), d)
+    ycc[1:] = F.interpolate(chroma, scale_factor=2, mode="bilinear", align_corners=False).transpose(0, 1)
+    out = torch.bmm(_constant(_YCC_TO_RGB, x.device, x.dtype)[None], ycc.view(1, 3, -1)).view(3, n, hp, wp)
+    return out.add_(128).transpose(0, 1)[..., :h, :w].clamp_(0, 255)
 
 
 def _shift(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
@@ -222,8 +238,9 @@ class RobustAugment:
         """``fn(idx, *subsets)`` on the samples that fired; the others pass untouched.
 
         Called once per run of consecutive samples, on slices of ``tensors`` (views: nothing is
-        gathered), with the results copied back in place (the tensors belong to this call): the
-        cost follows the number of samples transformed.
+        gathered; gathering costs more than the calls it saves), with the results copied back in
+        place (the tensors belong to this call): the cost follows the number of samples transformed.
+        A transform may write into its slices and return them: copying a view onto itself is free.
         """
         idx = fired.nonzero().squeeze(1).tolist()
         if not idx:
@@ -333,33 +350,34 @@ class RobustAugment:
         if not need.any():
             return image, masks
         border = _border_mean(source)
+        windows = functools.cache(lambda: self._clean_windows(source, source_masks))  # for skin canvases
 
         def fill(idx, img, m, d):
-            cv, cm = self._canvas(idx, source, source_masks, border, lattice, col, fire, *img.shape[-2:])
+            cv = self._canvas(idx, source, windows, border, lattice, col, fire, *img.shape[-2:])
             # A soft seam 2..24 px wide, at most an eighth of the photo's side as shown.
             zoom = scale[idx]
             feather = torch.minimum(_lerp(2.0, 24.0, col["feather"][idx, 0]), 0.125 * zoom * min(img.shape[-2:]))
-            alpha = (d * _v(zoom.to(img)) / _v(feather.clamp_min(1.0).to(img))).clamp(0, 1)
-            return torch.lerp(cv, img, alpha), torch.where(alpha >= 0.5, m, cm)
+            alpha = (d * _v(zoom.to(img))).div_(_v(feather.clamp_min(1.0).to(img))).clamp_(0, 1)
+            # In place (the canvas's mask is 0): torch.lerp(cv, img, alpha) and where(alpha >= 0.5, m, 0).
+            return torch.lerp(cv, img, alpha, out=img), m.mul_(alpha >= 0.5)
 
         image, masks = self._apply(need, lambda i, a, m: fill(i, a, m, dist[int(i[0]):int(i[-1]) + 1]), image, masks)
         return image, masks
 
-    def _canvas(self, idx, source, source_masks, border, lattice, col, fire, h, w):
-        """Canvases (N, 3, H, W), masks 0, for samples ``idx``: skin of another photo, texture or flat."""
+    def _canvas(self, idx, source, windows, border, lattice, col, fire, h, w):
+        """Canvases (N, 3, H, W) for samples ``idx`` (their masks are 0): skin of another photo, texture or flat."""
         dev = source.device
         cols = col["canvas"][idx]
         target = border[idx.to(dev)]
         flat = target * (1 + 0.2 * (2 * cols[:, 0:3].to(source) - 1))
         canvas = flat[:, :, None, None].expand(-1, -1, h, w)
-        cmask = torch.zeros(1, 1, 1, 1, device=dev, dtype=source.dtype).expand(len(idx), 1, h, w)
         skin = fire["skin_canvas"][idx]
-        donors = self._donors(idx[skin], cols[skin, 3], source, source_masks) if skin.any() else []
+        donors = self._donors(idx[skin], cols[skin, 3], *windows(), len(source)) if skin.any() else []
         texture = fire["texture_canvas"][idx] & ~skin
         for k, d in zip(skin.nonzero().squeeze(1).tolist(), donors):
             texture[k] = d is None and bool(fire["texture_canvas"][idx[k]])  # no clean skin in the batch
         if not (any(d is not None for d in donors) or texture.any()):
-            return canvas, cmask  # flat colours, never materialised
+            return canvas  # flat colours, never materialised
         canvas = canvas.contiguous()
         for k, d in zip(skin.nonzero().squeeze(1).tolist(), donors):
             if d is None:
@@ -370,22 +388,21 @@ class RobustAugment:
             sk = F.interpolate(win.flip(dims) if dims else win, size=(h, w), mode="bilinear", align_corners=False)[0]
             # Pull the borrowed skin's tone most of the way towards this photo's own skin.
             ratio = (target[k] / win[0, :, ::4, ::4].mean((1, 2)).clamp_min(1.0)).clamp(0.5, 2.0)
-            canvas[k] = sk * (1 + _lerp(0.5, 1.0, cols[k, 6].item()) * (ratio[:, None, None] - 1))
+            torch.mul(sk, 1 + _lerp(0.5, 1.0, cols[k, 6].item()) * (ratio[:, None, None] - 1), out=canvas[k])
         if texture.any():
             t = texture.nonzero().squeeze(1)
             canvas[t.to(dev)] = self._texture(col["texture"][idx[t]], lattice[idx[t]].to(dev), h, w, source)
-        return canvas, cmask
+        return canvas
 
     @staticmethod
-    def _donors(own, start, source, source_masks):
-        """For each sample in ``own``, a lesion-free half-size window of another photo of the batch.
+    def _clean_windows(source, source_masks):
+        """Each photo's cleanest half-size window: ``(clean, corners, height, width)``.
 
         Of each photo's 3x3 half-size windows (quarter-side stride) the one with the least lesion
-        and near-black frame; the donor is the first photo after a drawn one (never the sample
-        itself) whose window is clean: lesion at most 0.5 %, dark at most 5 %. Returns
-        ``(photo, y0, x0, height, width)`` or None where no photo qualifies.
+        and near-black frame; ``clean`` (per photo) where it has lesion at most 0.5 % and dark at
+        most 5 %, ``corners`` its ``(y0, x0)``.
         """
-        b, _, h, w = source.shape
+        _, _, h, w = source.shape
         kh, kw, sh, sw = max(h // 2, 1), max(w // 2, 1), max(h // 4, 1), max(w // 4, 1)
         # Shares measured on every 4th pixel each way: plenty for a half-size window, 16x cheaper.
         step = 4 if min(h, w) >= 64 else 1
@@ -397,14 +414,23 @@ class RobustAugment:
         dark = F.avg_pool2d((coarse.mean(1, keepdim=True) < 50).to(source.dtype), pk, ps).flatten(1)
         best = (lesion + dark).argmin(1, keepdim=True)
         clean = ((lesion.gather(1, best) <= 0.005) & (dark.gather(1, best) <= 0.05))[:, 0].tolist()
-        best = best[:, 0].tolist()
+        corners = [(min((j // gw) * ps[0] * step, h - kh), min((j % gw) * ps[1] * step, w - kw))
+                   for j in best[:, 0].tolist()]
+        return clean, corners, kh, kw
+
+    @staticmethod
+    def _donors(own, start, clean, corners, kh, kw, b):
+        """For each sample in ``own``, another photo's clean window (``_clean_windows``), or None.
+
+        The donor is the first photo after a drawn one (never the sample itself) whose window is
+        clean. Returns ``(photo, y0, x0, height, width)`` or None where no photo of the ``b`` qualifies.
+        """
         out = []
         for i, u in zip(own.tolist(), start.tolist()):
             first = int(u * (b - 1))
             order = [(i + 1 + (first + t) % (b - 1)) % b for t in range(b - 1)]
             j = next((j for j in order if clean[j]), None)
-            out.append(None if j is None else (j, min((best[j] // gw) * ps[0] * step, h - kh),
-                                               min((best[j] % gw) * ps[1] * step, w - kw), kh, kw))
+            out.append(None if j is None else (j, *corners[j], kh, kw))
         return out
 
     @staticmethod
@@ -419,17 +445,17 @@ class RobustAugment:
         low, mid = F.interpolate(bands, size=(h, w), mode="bilinear", align_corners=False).split(1, 1)
         return low, mid
 
-    def _grain(self, offsets: torch.Tensor, h: int, w: int, like: torch.Tensor) -> torch.Tensor:
-        """Pixel-level Gaussian noise (N, 3, H, W): crops of the fixed bank at offsets drawn in 0..1 (N, 2)."""
+    def _grain(self, offsets: torch.Tensor, h: int, w: int, like: torch.Tensor) -> list[torch.Tensor]:
+        """Pixel-level Gaussian noise (3, H, W) per sample: views into the fixed bank at offsets drawn in 0..1 (N, 2)."""
         bank = self._noise_bank(h, w, like)
         pos = (offsets * (_NOISE_MARGIN + 1)).long().clamp(max=_NOISE_MARGIN).tolist()
-        return torch.stack([bank[:, oy:oy + h, ox:ox + w] for oy, ox in pos])
+        return [bank[:, oy:oy + h, ox:ox + w] for oy, ox in pos]
 
     def _texture(self, cols, lattice, h, w, like):
         """Procedural cloth (weave, stripes, folds), glove (tinted, folds, sheen) or paper (white, grain)."""
         c = cols.to(like)
         low, mid = self._octaves(lattice.to(like), h, w)
-        fine = self._grain(cols[:, 12:14], h, w, like)[:, :1]
+        fine = torch.stack([g[:1] for g in self._grain(cols[:, 12:14], h, w, like)])
         tint = c[:, 1:4]
         kind = (cols[:, 0] * 3).long().clamp(max=2).tolist()  # 0 cloth, 1 glove, 2 paper
         out = torch.empty(len(c), 3, h, w, device=like.device, dtype=like.dtype)
@@ -493,7 +519,7 @@ class RobustAugment:
         warm = 0.04 * (c[:, 10] - 0.5)
         tone = (torch.tensor(_SKIN, dtype=x.dtype, device=x.device)[pick] * _lerp(0.85, 1.03, c[:, 9:10])
                 * torch.stack([1 + warm, torch.ones_like(warm), 1 - warm], 1))
-        return torch.lerp(x * shadow, tone[:, :, None, None] * shade, alpha), masks * (alpha < 0.5)
+        return x.mul_(shadow).lerp_(tone[:, :, None, None] * shade, alpha), masks.mul_(alpha < 0.5)
 
     def _ruler(self, x, masks, c):
         """A graduated strip (mm ticks, longer every 5 and 10) along an edge, slightly sheared; mask 0 there.
@@ -521,7 +547,7 @@ class RobustAugment:
         kind = (c[:, 5] * 3).long().clamp(max=2)  # white, yellow or grey plastic
         body = torch.tensor(((238, 238, 232), (232, 214, 140), (205, 210, 212)), dtype=x.dtype, device=x.device)[kind]
         strip = torch.lerp((body * _lerp(0.9, 1.05, c[:, 6:7]))[:, :, None, None], torch.full_like(tick, 30.0), tick)
-        return torch.lerp(x, strip, alpha), masks * (alpha < 0.5)
+        return x.lerp_(strip, alpha), masks.mul_(alpha < 0.5)
 
     def _frame(self, x, masks, c):
         """A dermoscope's round field of view: near-black outside a circle; mask 0 there."""
@@ -532,7 +558,7 @@ class RobustAugment:
         radius = _v(_lerp(0.42, 0.68, c[:, 2]) * min(h, w))
         dist = _smooth_field(lambda xs, ys: torch.hypot(xs - cx, ys - cy), h, w, x)
         outside = torch.sigmoid((dist - radius) / _v(_lerp(0.7, 5.0, c[:, 3])))
-        return torch.lerp(x, _v(_lerp(0.0, 22.0, c[:, 4])).expand_as(x), outside), masks * (outside < 0.5)
+        return x.lerp_(_v(_lerp(0.0, 22.0, c[:, 4])).expand_as(x), outside), masks.mul_(outside < 0.5)
 
     # -- photometric -----------------------------------------------------------------------------
 
@@ -551,7 +577,7 @@ class RobustAugment:
         mean = torch.einsum("j,njhw->n", luma, x) / (x.shape[-1] * x.shape[-2])
         matrix = gain[:, :, None] * con * mix
         offset = gain * ((1 - con[:, :, 0]) * mean[:, None])
-        return torch.einsum("nij,njhw->nihw", matrix, x) + offset[:, :, None, None]
+        return torch.einsum("nij,njhw->nihw", matrix, x).add_(offset[:, :, None, None])
 
     @staticmethod
     def _illumination(x, c):
@@ -567,22 +593,24 @@ class RobustAugment:
             ramp = 1 + strength * 0.5 * (gx * torch.cos(ang) + gy * torch.sin(ang))
             return ramp * (1 - vig * (((gx - cx) ** 2 + (gy - cy) ** 2) / 2).clamp(max=1))
 
-        return x * _smooth_field(light, h, w, x, factor=8)
+        return x.mul_(_smooth_field(light, h, w, x, factor=8))
 
     @staticmethod
     def _blur(x, c):
-        """Defocus-like blur: shrunk (antialiased) by 1.3..3x and enlarged back."""
+        """Defocus-like blur: shrunk (antialiased) by 1.3..3x and enlarged back; written into ``x``."""
         h, w = x.shape[-2:]
-        out = torch.empty_like(x)
         for i, f in enumerate(_lerp(1.3, 3.0, c[:, 0]).tolist()):
             small = F.interpolate(x[i:i + 1], size=(max(1, round(h / f)), max(1, round(w / f))), mode="bilinear",
                                   antialias=True, align_corners=False)
-            out[i] = F.interpolate(small, size=(h, w), mode="bilinear", align_corners=False)[0]
-        return out
+            x[i] = F.interpolate(small, size=(h, w), mode="bilinear", align_corners=False)[0]
+        return x
 
     def _noise(self, x, c):
-        noise = self._grain(c[:, 1:3], *x.shape[-2:], x)
-        return torch.addcmul(x, noise, _v(_lerp(2.0, 10.0, c[:, 0]).to(x)))
+        """Gaussian sensor noise, its sigma drawn per sample; written into ``x``."""
+        sigma = _lerp(2.0, 10.0, c[:, 0]).to(x)
+        for i, noise in enumerate(self._grain(c[:, 1:3], *x.shape[-2:], x)):
+            x[i].addcmul_(noise, sigma[i])
+        return x
 
     @staticmethod
     def _jpeg(x, c):
