@@ -15,7 +15,7 @@ from scsonet._twins import retyped
 from scsonet.fast import RUNTIME_ENV, optimizer_options, prepare_for_training
 from scsonet.fast.layers import (
     FastConv2d, FastMaxPool2d, FastODConv2d, FastSCAttentionBridge, FastSpatialAttentionBridge, FastSRU,
-    FastUpsample2x, PhaseConvNormPool, upsample2x_aligned,
+    FastUpsample2x, PhaseConvNormPool,
 )
 from scsonet.fast.layers import _PhaseMax
 from scsonet.layers import SRU, ODConv2d, SpatialAttentionBridge
@@ -223,7 +223,7 @@ def test_upsample_matches_bilinear_interpolate_with_aligned_corners(shape):
     y = F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=True)
     grad_y = torch.randn_like(y)
     (want,) = torch.autograd.grad(y, x, grad_y)
-    y_f = upsample2x_aligned(x)
+    y_f = FastUpsample2x()(x)
     (got,) = torch.autograd.grad(y_f, x, grad_y)
     torch.testing.assert_close(y_f, y, rtol=0, atol=1e-12)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-12)

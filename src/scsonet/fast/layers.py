@@ -12,8 +12,7 @@ max-pools exactly) and run the plain ops whenever no gradient is recorded (evalu
   direct loops of ``scsonet/_native`` (when a C compiler is there), other thin convs' input
   gradient as a flipped forward conv;
 - ``FastMaxPool2d`` and ``PhaseConvNormPool`` (conv, GroupNorm, max-pool in a 2x2-phase layout);
-- ``upsample2x_aligned`` (and ``FastUpsample2x``): bilinear x2 with aligned corners from shifted
-  slices, both ways;
+- ``FastUpsample2x``: bilinear x2 with aligned corners from shifted slices, both ways;
 - ``FastODConv2d``, ``FastSRU``, ``FastSpatialAttentionBridge``, ``FastSCAttentionBridge`` (with
   ``_SpatialGate``): the same algebra regrouped into fewer or cheaper passes.
 
@@ -35,7 +34,7 @@ from ..layers import SRU, ODConv2d, SCAttentionBridge, SpatialAttentionBridge, U
 
 __all__ = [
     "FastConv2d", "FastMaxPool2d", "FastODConv2d", "FastSCAttentionBridge", "FastSpatialAttentionBridge", "FastSRU",
-    "FastUpsample2x", "PhaseConvNormPool", "upsample2x_aligned",
+    "FastUpsample2x", "PhaseConvNormPool",
 ]
 
 
@@ -467,23 +466,18 @@ class _Upsample2xAligned(torch.autograd.Function):
         return _upsample_dim_adjoint(_upsample_dim_adjoint(grad_y.contiguous(), 3), 2)
 
 
-def upsample2x_aligned(x: torch.Tensor) -> torch.Tensor:
-    """``F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=True)``, faster with autograd.
+class FastUpsample2x(Upsample2x):
+    """``Upsample2x`` (bilinear x2, aligned corners), faster with autograd.
 
     The CPU kernel's backward scatters one output pixel at a time; this runs both directions as a
     few shifted multiply-adds over whole rows. Maps under 16 pixels a side, or no autograd, run
     the plain kernel.
     """
-    if not torch.is_grad_enabled() or x.dim() != 4 or min(x.shape[-2:]) < 16:
-        return F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=True)
-    return _Upsample2xAligned.apply(x.contiguous())
-
-
-class FastUpsample2x(Upsample2x):
-    """``Upsample2x`` by ``upsample2x_aligned``."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return upsample2x_aligned(input)
+        if not torch.is_grad_enabled() or input.dim() != 4 or min(input.shape[-2:]) < 16:
+            return super().forward(input)
+        return _Upsample2xAligned.apply(input.contiguous())
 
 
 class FastODConv2d(ODConv2d):
