@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from ._twins import retyped, swap_twins
 from .layers import CRU, EMA, SRU, BatchNormAnyBatch, EncoderStage, ODConv2d, SCAttentionBridge, Upsample2x
 from .layers import pad_to_multiple, run_stages
-from .models._unet import SCBridgeUNet
+from .models import SCBridgeUNet
 
 __all__ = ["LeanSCSONet", "TraceableODConv2d", "is_reparameterizable", "reparameterize", "traceable"]
 
