@@ -126,6 +126,7 @@ def test_other_devices_are_left_alone():
 
 
 @pytest.mark.parametrize("name", [n for n in list_models() if n != "scsonet"])
+@pytest.mark.slow
 def test_fast_path_keeps_every_registered_model(name):
     """A cheaper check for the other models (no float64 run): same logits and gradients, loosely."""
     torch.manual_seed(0)
