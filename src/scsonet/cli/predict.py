@@ -22,6 +22,8 @@ def register(subparsers) -> None:
                     "full-resolution image (two-pass). With weights that ship a reliability model (the pretrained "
                     "ones, and ONNX exports of them), each image gets a reliability score (0..1) and a review flag; "
                     "a reviewed image's overlay carries an amber REVIEW banner. "
+                    "A folder's files that are not images are each named in a note and skipped; a file named "
+                    "directly that is not an image is an error (exit status 2, nothing written). "
                     "Exit status 1 if any input failed; the others are still done.")
     p.add_argument("inputs", nargs="*", metavar="INPUT", help="image files, folders (not recursive) or glob patterns")
     p.add_argument("--out", "-o", type=Path, required=True, help="output folder (created if missing)")
@@ -47,7 +49,7 @@ def register(subparsers) -> None:
     p.add_argument("--full-overlay", action="store_true",
                    help="write the overlay at the image's full size (default: longest side at most 1024; "
                         "the mask is always full size)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help="no progress bar (drawn only on a terminal anyway)")
     p.set_defaults(func=run)
 
 
