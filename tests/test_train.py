@@ -1,4 +1,5 @@
-"""The training loop: protocols, resume, non-finite loss, config checking, distributed run."""
+"""The training loop: protocols, resume, non-finite loss, config checking, distributed run (the
+steps themselves: ``test_train_steps.py``)."""
 import csv
 import os
 import subprocess
@@ -45,6 +46,11 @@ def _cfg(prepared, out_dir, **kw):
     return TrainConfig(**base)
 
 
+# log.csv's losses of the first two epochs of _cfg's run, recorded before train() was cut into a
+# step object and helpers (eager and split steps alike); other CPUs round a little differently
+RECORDED_LOSSES = (1.625134, 1.358286)
+
+
 def _weights(run_dir, name="last.pt"):
     return torch.load(Path(run_dir) / name, map_location="cpu", weights_only=False)["model"]
 
@@ -86,7 +92,9 @@ def test_resume_after_interruption_matches_uninterrupted_run(prepared, tmp_path,
     resumed = train(load_config(cut / "config.yaml"), resume=cut)
     a, b = _weights(whole), _weights(resumed)
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert len(list(csv.DictReader(open(resumed / "log.csv")))) == 3
+    losses = [[r["loss"] for r in csv.DictReader(open(run / "log.csv"))] for run in (whole, resumed)]
+    assert len(losses[1]) == 3 and losses[0] == losses[1]
+    assert [float(v) for v in losses[0][:2]] == pytest.approx(RECORDED_LOSSES, rel=1e-4)
 
 
 @pytest.mark.parametrize("protocol, fitted, selected", [("honest", ["train"], "val"), ("paper", ["train", "val"], "test")])
@@ -190,6 +198,12 @@ def test_deep_supervision_side_outputs_enter_the_loss(prepared, tmp_path, monkey
 
 
 @pytest.mark.slow
+def test_bf16_run_on_the_cpu_trains_the_plain_model_under_autocast(prepared, tmp_path):
+    run_dir = train(_cfg(prepared, tmp_path, epochs=1, amp="bf16"))  # fast=True: its twins are float32 kernels
+    (row,) = csv.DictReader(open(run_dir / "log.csv"))
+    assert float(row["loss"]) != RECORDED_LOSSES[0] and float(row["loss"]) == pytest.approx(RECORDED_LOSSES[0], rel=0.05)
+
+
 def test_budget_stop_reads_no_test_and_the_resume_tests_once_keeping_the_history(prepared, tmp_path, monkeypatch,
                                                                                   capsys):
     from scsonet.data import PreparedData

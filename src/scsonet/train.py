@@ -13,6 +13,9 @@ of such a run says so). A run stopped by its time budget (``max_minutes``) does 
 ``--resume`` continues it, and the run that reaches the last epoch tests. The run directory
 keeps the first segment's ``config.yaml``; ``segments.jsonl`` gets one record per segment (fresh
 start or resume): epochs, wall times, why it stopped, its config, version and commit.
+
+The step of one batch is an object of ``scsonet.steps`` chosen once per run (eager, CUDA graph,
+or the batch split among CPU processes); under torchrun, rank 0 decides every stop for all ranks.
 """
 from __future__ import annotations
 
@@ -33,7 +36,7 @@ import torch.distributed as dist
 import yaml
 
 from ._device import resolve_device
-from ._io import torch_save_atomic, write_json_atomic, write_text_atomic
+from ._io import torch_save_atomic, write_text_atomic
 from .data.robust_augment import check_robust_config
 from ._checks import one_line
 from .errors import ScsonetError
@@ -43,7 +46,8 @@ from .losses import BceDiceLoss
 from .models import create_model
 from .models._loading import PRETRAINED, build_model, load_state, read_checkpoint
 from .models.egeunet import deep_supervision_loss
-from .parallel import ModelLoss, SplitBatchStep, cpu_budget
+from .parallel import ModelLoss
+from .steps import choose_step
 
 PROTOCOLS = {
     # protocol: (splits fitted on, split that selects the checkpoint)
@@ -79,7 +83,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     amp: str = "off"  # off | bf16 (autocast; this tiny network is launch-bound, so off is the default)
     cuda_graph: bool = True  # capture the whole training step as a CUDA graph (single CUDA process)
-    fast: bool = True  # CPU: exact re-expressions of slow blocks and fused AdamW (scsonet.fast)
+    fast: bool = True  # CPU, float32: exact re-expressions of slow blocks and fused AdamW (scsonet.fast)
     threads: int = 0  # CPU threads for torch (0 = torch's default)
     processes: int = 0  # CPU: split each batch among one-thread processes (0 = one per usable CPU; 1 = off)
     out_dir: str = "runs"  # run directories are created here
@@ -204,19 +208,6 @@ def _setup_distributed(cfg: TrainConfig):
     return rank, world_size, device
 
 
-def _split_processes(cfg: TrainConfig, device: torch.device, world_size: int) -> int:
-    """Processes to split each batch among: one per usable CPU by default, on the fast CPU path.
-
-    One single-threaded process per core beats one process with a thread per core for this
-    small network (``scsonet.parallel``); torchrun runs, GPUs and autocast keep one process.
-    """
-    if device.type != "cpu" or world_size > 1 or cfg.amp != "off":
-        return 1
-    if cfg.processes:
-        return min(cfg.processes, cfg.batch_size)
-    return min(cpu_budget(), cfg.batch_size) if cfg.fast else 1
-
-
 def _write_log(path: Path, history: list[dict[str, Any]]) -> None:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=LOG_COLUMNS)
@@ -297,218 +288,204 @@ def _last_good(run_dir: Path) -> str:
     return f"the last good checkpoint is {last}" if last.is_file() else f"no checkpoint was written yet ({run_dir})"
 
 
-class _GraphedStep:
-    """The whole training step (forward, loss, backward, AdamW) replayed as one CUDA graph.
-
-    A tiny network at batch 8 is bound by kernel-launch overhead on a GPU; replaying a captured
-    graph removes it. Shapes are fixed (the loader drops the last partial batch) and the learning
-    rate lives in a tensor that the graph reads.
-    """
-
-    warmup_steps = 3
-
-    def __init__(self, compute_loss, optimizer, x_like, y_like):
-        self.compute_loss, self.optimizer = compute_loss, optimizer
-        self.x, self.y = torch.empty_like(x_like), torch.empty_like(y_like)
-        self.graph = None
-        self.loss = None
-        self.steps = 0
-
-    def _step(self):
-        loss = self.compute_loss(self.x, self.y)
-        loss.backward()
-        self.optimizer.step()
-        return loss
-
-    def __call__(self, x, y):
-        self.x.copy_(x)
-        self.y.copy_(y)
-        if self.graph is None and self.steps >= self.warmup_steps:
-            self.optimizer.zero_grad(set_to_none=True)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.loss = self._step()
-        if self.graph is not None:
-            self.graph.replay()
-            loss = self.loss
-        else:  # warm-up on a side stream, as graph capture requires
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                self.optimizer.zero_grad(set_to_none=True)
-                loss = self._step()
-            torch.cuda.current_stream().wait_stream(stream)
-        self.steps += 1
-        return loss
+def _from_rank0(value: float, device: torch.device, world_size: int) -> float:
+    """Rank 0's ``value``, on every rank: under torchrun rank 0 decides every stop (time budget,
+    non-finite loss) and all ranks take it at the same step, where a rank stopping alone would
+    leave the others waiting in their next collective. The other ranks also wait here for rank 0's
+    evaluation and checkpoint."""
+    if world_size == 1:
+        return float(value)
+    shared = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    dist.broadcast(shared, src=0)
+    return shared.item()
 
 
-def train(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> Path:
-    """Train as ``cfg`` says (or continue ``resume``); returns the run directory."""
-    check_config(cfg)  # also for a TrainConfig built in Python, not only one from load_config
-    from .data import PreparedData, SplitArrays
-    from .data.loader import TrainLoader
+def _check_finite(loss: float, where: str, run_dir: Path) -> None:
+    if not math.isfinite(loss):
+        raise NonFiniteLoss(f"loss became {loss} {where}; {_last_good(run_dir)}")
 
-    rank, world_size, device = _setup_distributed(cfg)
-    master = rank == 0
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    fit_splits, select_split = PROTOCOLS[cfg.protocol]
 
-    # -- run directory and state: fresh, or from the last checkpoint of a killed run
+def _budget_spent(cfg: TrainConfig, started: float, epoch: int) -> bool:
+    """Whether the time budget is spent after ``epoch`` (0-based); never after the last epoch, which tests."""
+    return bool(cfg.max_minutes) and time.time() - started > cfg.max_minutes * 60 and epoch + 1 < cfg.epochs
+
+
+def _open_run(cfg: TrainConfig, resume: str | os.PathLike | None) -> tuple[Path, dict[str, Any] | None]:
+    """The run directory and, to resume, its last checkpoint; a fresh run never overwrites one, and
+    a resume never reads test a second time."""
     if resume is not None:
         run_dir = Path(resume)
         if not (run_dir / "last.pt").is_file():
             raise ScsonetError(f"{run_dir}: no last.pt to resume from")
         ckpt = read_checkpoint(run_dir / "last.pt", require=("model", "optimizer", "epoch", "best_val_dsc", "history"))
     else:
-        run_name = cfg.run_name or f"{cfg.model}-{cfg.protocol}-s{cfg.seed}"
-        run_dir = Path(cfg.out_dir) / run_name
+        run_dir = Path(cfg.out_dir) / (cfg.run_name or f"{cfg.model}-{cfg.protocol}-s{cfg.seed}")
         if (run_dir / "last.pt").exists():
             raise ScsonetError(f"{run_dir}: a run is already there; continue it with --resume {run_dir}")
         ckpt = None
     if ckpt is not None and ckpt["epoch"] + 1 >= cfg.epochs and (run_dir / TEST_REPORT).is_file():
         raise ScsonetError(f"{run_dir}: already trained to epoch {ckpt['epoch'] + 1} of {cfg.epochs} and tested; "
                            f"nothing to resume (--set epochs=N trains on)")
-    # -- data, read before the run directory exists so that a bad dataset leaves nothing behind;
-    #    the test split is not touched here under the honest protocol
+    return run_dir, ckpt
+
+
+def _make_run_dir(run_dir: Path, cfg: TrainConfig, fresh: bool) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if fresh:  # a resume keeps the first segment's config; its own goes to segments.jsonl
+        write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+
+
+def _read_data(cfg: TrainConfig, master: bool):
+    """(fitting arrays, selection arrays on rank 0 else None, (mean, std)), read before the run
+    directory exists so that a bad dataset leaves nothing behind. Test is not read here under
+    the honest protocol."""
+    from .data import PreparedData, SplitArrays
+
+    fit_splits, select_split = PROTOCOLS[cfg.protocol]
     data = PreparedData(cfg.data)
-    fit_parts = [data.load(s) for s in fit_splits]
-    fit = SplitArrays(torch.cat([p.images for p in fit_parts]), torch.cat([p.masks for p in fit_parts]),
-                      [i for p in fit_parts for i in p.ids])
-    select = data.load(select_split) if master else None
-    mean, std = data.mean, data.std
-    preprocessing = {"resize_size": list(fit.images.shape[-2:]), "mean": list(mean), "std": list(std)}
-    use_graph = cfg.cuda_graph and device.type == "cuda" and world_size == 1
-    loader = TrainLoader(fit, cfg.batch_size, mean, std, augment=cfg.augment, shuffle=True, seed=cfg.seed,
-                         device=device, drop_last=use_graph, rank=rank, world_size=world_size,
-                         robust_augment=cfg.robust_augment)
+    parts = [data.load(s) for s in fit_splits]
+    fit = SplitArrays(torch.cat([p.images for p in parts]), torch.cat([p.masks for p in parts]),
+                      [i for p in parts for i in p.ids])
+    return fit, data.load(select_split) if master else None, (data.mean, data.std)
 
-    if master:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if resume is None:  # a resume keeps the first segment's config; its own goes to segments.jsonl
-            write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
 
-    # -- model and optimiser: the same seed gives the same initial weights on every rank
+def _build_model(cfg: TrainConfig, device: torch.device, capturable: bool, init: bool, norm):
+    """The model and its AdamW; the same seed gives the same initial weights on every rank.
+    ``init``: load ``cfg.init_from`` (a fresh run; a resumed one has its own weights)."""
     torch.manual_seed(cfg.seed)
     model = create_model(cfg.model, **cfg.model_args).to(device)
-    if cfg.init_from and ckpt is None:  # fine-tuning; a resumed run has its own weights
-        _init_weights(model, cfg, mean, std)
-    optimizer_kwargs = {}
-    if cfg.fast:
+    if cfg.init_from and init:
+        _init_weights(model, cfg, *norm)
+    options = {}
+    if cfg.fast and not (cfg.amp == "bf16" and device.type == "cpu"):  # the CPU twins are float32 kernels
         model = prepare_for_training(model, device)
-        optimizer_kwargs = optimizer_options(device)
-    lr_value = torch.tensor(get_lr(0, cfg), device=device) if use_graph else get_lr(0, cfg)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr_value, weight_decay=cfg.weight_decay,
-                                  capturable=use_graph, **optimizer_kwargs)
-    start_epoch, best_dsc, history = 0, -1.0, []
-    if ckpt is not None:
-        last = run_dir / "last.pt"
-        load_state(model, ckpt["model"], cfg.model, str(last))
+        options = optimizer_options(device)
+    lr = torch.tensor(get_lr(0, cfg), device=device) if capturable else get_lr(0, cfg)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.weight_decay, capturable=capturable,
+                                  **options)
+    return model, optimizer
+
+
+@dataclass
+class _Run:
+    """What outlives an epoch on rank 0: the selection state, and the checkpoints and log written
+    after each epoch."""
+
+    cfg: TrainConfig
+    run_dir: Path
+    device: torch.device
+    model: torch.nn.Module  # unwrapped: checkpoints hold its state dict, no "module." prefixes
+    optimizer: torch.optim.Optimizer
+    select: Any  # the selection split's arrays (None off rank 0)
+    norm: tuple  # (mean, std) of the data
+    size: list[int]  # the images' (height, width)
+    start_epoch: int = 0
+    best_dsc: float = -1.0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    writer: Any = None  # TensorBoard's, when there is one
+
+    @property
+    def select_split(self) -> str:
+        return PROTOCOLS[self.cfg.protocol][1]
+
+    def restore(self, ckpt: dict[str, Any]) -> None:
+        last = self.run_dir / "last.pt"
+        load_state(self.model, ckpt["model"], self.cfg.model, str(last))
         try:
-            optimizer.load_state_dict(ckpt["optimizer"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
         except (ValueError, KeyError, TypeError) as err:  # another model's or optimiser's state
-            raise ScsonetError(f"{last}: its optimiser state does not fit {cfg.model} ({one_line(err)})") from None
-        start_epoch, best_dsc, history = ckpt["epoch"] + 1, ckpt["best_val_dsc"], ckpt["history"]
-    raw_model = model
-    if world_size > 1:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    criterion = BceDiceLoss(cfg.bce_weight, cfg.dice_weight)
-    # No autocast weight cache: it would hold tensors captured by the CUDA graph.
-    autocast = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False))
-                if cfg.amp == "bf16" else contextlib.nullcontext)
-    graphed = None
+            raise ScsonetError(f"{last}: its optimiser state does not fit {self.cfg.model} ({one_line(err)})") from None
+        self.start_epoch, self.best_dsc, self.history = ckpt["epoch"] + 1, ckpt["best_val_dsc"], ckpt["history"]
 
-    model_loss = ModelLoss(criterion, deep_supervision_loss)  # deep supervision when the model has side outputs
+    def checkpoint(self, epoch: int) -> dict[str, Any]:
+        cfg, (mean, std) = self.cfg, self.norm
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "model_name": cfg.model,
+                "model_args": cfg.model_args, "preprocessing": {"resize_size": self.size, "mean": list(mean),
+                                                                "std": list(std)},
+                "epoch": epoch, "best_val_dsc": self.best_dsc, "select_split": self.select_split,
+                "protocol": cfg.protocol, "config": dataclasses.asdict(cfg), "history": self.history}
 
-    def compute_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return model_loss(model, x, y)
+    def end_epoch(self, epoch: int, lr: float, mean_loss: float, epoch_started: float) -> None:
+        """Select on the selection split (every ``eval_every`` epochs and at the last), keep
+        ``best.pt`` and ``last.pt``, append to ``log.csv`` and TensorBoard, print one line."""
+        cfg, split = self.cfg, self.select_split
+        row = {"epoch": epoch + 1, "lr": f"{lr:.6g}", "loss": f"{mean_loss:.6f}", "select_split": split,
+               "select_dsc": "", "select_miou": "", "best_dsc": "", "seconds": ""}
+        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+            report, _ = evaluate(self.model, self.select, self.norm, batch_size=cfg.eval_batch_size,
+                                 device=self.device, hd95=False, split=split)
+            dsc, miou = report["pooled"]["dsc"], report["pooled"]["miou"]
+            row.update(select_dsc=f"{dsc:.6f}", select_miou=f"{miou:.6f}")
+            if dsc > self.best_dsc:
+                self.best_dsc = dsc
+                torch_save_atomic(self.checkpoint(epoch), self.run_dir / "best.pt")
+            if self.writer is not None:
+                self.writer.add_scalar(f"{split}/dsc", dsc, epoch + 1)
+        row.update(best_dsc=f"{self.best_dsc:.6f}", seconds=f"{time.time() - epoch_started:.1f}")
+        self.history.append(row)
+        torch_save_atomic(self.checkpoint(epoch), self.run_dir / "last.pt")
+        _write_log(self.run_dir / "log.csv", self.history)
+        if self.writer is not None:
+            self.writer.add_scalar("train/loss", mean_loss, epoch + 1)
+            self.writer.add_scalar("train/lr", lr, epoch + 1)
+        print(f"epoch {epoch + 1}/{cfg.epochs} loss {mean_loss:.4f} lr {lr:.2e} {split} "
+              f"dsc {row['select_dsc'] or '-'} best {self.best_dsc:.4f} ({row['seconds']} s)", flush=True)
 
-    processes = _split_processes(cfg, device, world_size)
-    split_step = SplitBatchStep(raw_model, model_loss, processes) if processes > 1 else None
 
-    def checkpoint(epoch: int) -> dict[str, Any]:
-        return {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "model_name": cfg.model,
-                "model_args": cfg.model_args, "preprocessing": preprocessing, "epoch": epoch,
-                "best_val_dsc": best_dsc, "select_split": select_split, "protocol": cfg.protocol,
-                "config": dataclasses.asdict(cfg), "history": history}
-
-    writer = _tensorboard(run_dir) if master and cfg.tensorboard else None
-    started = time.time()
+def train(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> Path:
+    """Train as ``cfg`` says (or continue ``resume``); returns the run directory."""
+    check_config(cfg)  # also for a TrainConfig built in Python, not only one from load_config
     from tqdm import tqdm
 
-    segment = _Segment(run_dir, cfg, start_epoch, resume is not None) if master else None
-    stopped, tested = "interrupted", False
+    from .data.loader import TrainLoader
+
+    rank, world_size, device = _setup_distributed(cfg)
+    master = rank == 0
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    run_dir, ckpt = _open_run(cfg, resume)
+    fit, select, (mean, std) = _read_data(cfg, master)
+    step_class, step_options = choose_step(cfg, device, world_size)  # the loader and optimiser depend on it
+    loader = TrainLoader(fit, cfg.batch_size, mean, std, augment=cfg.augment, shuffle=True, seed=cfg.seed,
+                         device=device, drop_last=step_class.drop_last, rank=rank, world_size=world_size,
+                         robust_augment=cfg.robust_augment)
+    if master:
+        _make_run_dir(run_dir, cfg, fresh=resume is None)
+    model, optimizer = _build_model(cfg, device, step_class.capturable, init=ckpt is None, norm=(mean, std))
+    run = _Run(cfg, run_dir, device, model, optimizer, select, (mean, std), list(fit.images.shape[-2:]))
+    if ckpt is not None:
+        run.restore(ckpt)
+    if world_size > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model,
+                                                          device_ids=[device.index] if device.type == "cuda" else None)
+    # side outputs (EGE-UNet's deep supervision) enter the loss through this adapter
+    loss_fn = ModelLoss(BceDiceLoss(cfg.bce_weight, cfg.dice_weight), deep_supervision_loss)
+    step = step_class(model, loss_fn, optimizer, **step_options)
+
+    run.writer = _tensorboard(run_dir) if master and cfg.tensorboard else None
+    segment = _Segment(run_dir, cfg, run.start_epoch, resume is not None) if master else None
+    stopped, tested, started = "interrupted", False, time.time()
     try:
-        for epoch in range(start_epoch, cfg.epochs):
-            # -- one epoch over the fitting data
-            t0 = time.time()
-            lr = get_lr(epoch, cfg)
-            for group in optimizer.param_groups:
-                if torch.is_tensor(group["lr"]):
-                    group["lr"].fill_(lr)
-                else:
-                    group["lr"] = lr
+        for epoch in range(run.start_epoch, cfg.epochs):
+            t0, lr = time.time(), get_lr(epoch, cfg)
+            step.set_lr(lr)
             loader.set_epoch(epoch)
             model.train()
             total_loss = torch.zeros((), device=device)
             bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False,
                        disable=not (master and cfg.progress))
-            for step, (x, y) in enumerate(bar):
-                if use_graph:
-                    graphed = graphed or _GraphedStep(compute_loss, optimizer, x, y)
-                    try:
-                        with autocast():
-                            loss = graphed(x, y)
-                    except RuntimeError as err:  # capture unsupported here: train eagerly instead
-                        print(f"CUDA graph capture failed ({str(err).splitlines()[0]}); continuing eagerly", flush=True)
-                        use_graph = False
-                        torch.cuda.synchronize()
-                if not use_graph:
-                    if split_step is not None:  # forward and backward over the helper processes
-                        loss = split_step(x, y)
-                    else:
-                        with autocast():
-                            loss = compute_loss(x, y)
-                        loss.backward()
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                total_loss += loss.detach()
-                if step % 20 == 0 or step == len(loader) - 1:
-                    value = loss.item()
-                    if not math.isfinite(value):
-                        raise NonFiniteLoss(f"loss became {value} at epoch {epoch + 1}, step {step + 1}; "
-                                            f"{_last_good(run_dir)}")
+            for i, (images, masks) in enumerate(bar):
+                loss = step(images, masks)
+                total_loss += loss
+                if i % 20 == 0 or i == len(loader) - 1:  # .item() waits for the device: not every step
+                    value = _from_rank0(loss.item(), device, world_size)
+                    _check_finite(value, f"at epoch {epoch + 1}, step {i + 1}", run_dir)
                     bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}")
-            mean_loss = (total_loss / len(loader)).item()
-            if not math.isfinite(mean_loss):
-                raise NonFiniteLoss(f"loss became {mean_loss} in epoch {epoch + 1}; {_last_good(run_dir)}")
-
-            # -- selection on the selection split, checkpoints and log (master only)
+            mean_loss = _from_rank0((total_loss / len(loader)).item(), device, world_size)
+            _check_finite(mean_loss, f"in epoch {epoch + 1}", run_dir)
             if master:
-                row = {"epoch": epoch + 1, "lr": f"{lr:.6g}", "loss": f"{mean_loss:.6f}", "select_split": select_split,
-                       "select_dsc": "", "select_miou": "", "best_dsc": "", "seconds": ""}
-                if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
-                    report, _ = evaluate(raw_model, select, (mean, std), batch_size=cfg.eval_batch_size,
-                                         device=device, hd95=False, split=select_split)
-                    dsc, miou = report["pooled"]["dsc"], report["pooled"]["miou"]
-                    row.update(select_dsc=f"{dsc:.6f}", select_miou=f"{miou:.6f}")
-                    if dsc > best_dsc:
-                        best_dsc = dsc
-                        torch_save_atomic(checkpoint(epoch), run_dir / "best.pt")
-                    if writer is not None:
-                        writer.add_scalar(f"{select_split}/dsc", dsc, epoch + 1)
-                row.update(best_dsc=f"{best_dsc:.6f}", seconds=f"{time.time() - t0:.1f}")
-                history.append(row)
-                torch_save_atomic(checkpoint(epoch), run_dir / "last.pt")
-                _write_log(run_dir / "log.csv", history)
-                if writer is not None:
-                    writer.add_scalar("train/loss", mean_loss, epoch + 1)
-                    writer.add_scalar("train/lr", lr, epoch + 1)
-                print(f"epoch {epoch + 1}/{cfg.epochs} loss {mean_loss:.4f} lr {lr:.2e} {select_split} "
-                      f"dsc {row['select_dsc'] or '-'} best {best_dsc:.4f} ({row['seconds']} s)", flush=True)
-            if world_size > 1:
-                dist.barrier()
-            if cfg.max_minutes and time.time() - started > cfg.max_minutes * 60 and epoch + 1 < cfg.epochs:
+                run.end_epoch(epoch, lr, mean_loss, epoch_started=t0)
+            if _from_rank0(_budget_spent(cfg, started, epoch), device, world_size):
                 stopped = "time budget"
                 if master:
                     print(f"time budget of {cfg.max_minutes} min spent after epoch {epoch + 1} of {cfg.epochs}; "
@@ -517,23 +494,19 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> Path:
                 break
         else:
             stopped = "completed"
-        if split_step is not None:
-            split_step.close()  # before the test: the helpers' memory is not needed any more
-
-        # -- the test split, read once, with the selected checkpoint, by the run that reached the last epoch
-        if master and stopped == "completed":
+        step.close()  # before the test: the helpers' memory is not needed any more
+        if master and stopped == "completed":  # test, read once, with the selected checkpoint
             final_test(run_dir, cfg, device)
             tested = True
     except BaseException as err:
         stopped = _stop_reason(err)
         raise
     finally:
-        if split_step is not None:
-            split_step.close()
+        step.close()
         if segment is not None:
-            segment.end(stopped, history, tested)
-    if writer is not None:
-        writer.close()
+            segment.end(stopped, run.history, tested)
+    if run.writer is not None:
+        run.writer.close()
     if world_size > 1:
         dist.barrier()
         dist.destroy_process_group()
