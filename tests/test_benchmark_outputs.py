@@ -20,8 +20,6 @@ RERUN = {
                       "--out docs/benchmarks/cpu_latency.md",
     "cpu_latency_scsonet.md": "python benchmarks/cpu_latency.py --models scsonet --repeats 200 --threads 2,1 "
                               "--clock wall,cpu --out docs/benchmarks/cpu_latency_scsonet.md",
-    "deploy_exactness.md": "python benchmarks/deploy_exactness.py --data data/isic2017 --images 650 --random 32 "
-                           "--out docs/benchmarks/deploy_exactness.md",
 }
 
 
