@@ -52,7 +52,8 @@ def models() -> dict[str, torch.nn.Module]:
     }
 
 
-@pytest.mark.parametrize("name", ["random", "random-variant", "trained", "malunet"])
+@pytest.mark.parametrize("name", ["random", "random-variant", pytest.param("trained", marks=pytest.mark.slow),
+                                  "malunet"])
 def test_lean_twin_computes_the_same_logits_in_float64(models, name):
     model = copy.deepcopy(models[name]).double()
     lean = reparameterize(model)

@@ -70,7 +70,8 @@ def assert_fast_computes_the_plain_function(name: str, batch: int, size: tuple[i
         assert err_f[n] <= 20 * err_p[n] + 1e-5 * g.abs().max().item(), n
 
 
-@pytest.mark.parametrize("size", [(64, 96), (50, 70)], ids=["multiple-of-32", "padded"])
+@pytest.mark.parametrize("size", [(64, 96), pytest.param((50, 70), marks=pytest.mark.slow)],
+                         ids=["multiple-of-32", "padded"])
 def test_fast_scsonet_computes_the_plain_function(size):
     torch.manual_seed(0)
     plain = create_model("scsonet").train()
