@@ -14,6 +14,12 @@ from scsonet.models import EGEUNet, create_model, deep_supervision_loss, list_mo
 
 ALL_MODELS = list_models()
 
+
+def scsonet_quick(names):
+    """Parameters over ``names``: SCSONet's stays in the quick subset, the others (seconds each) are slow."""
+    return [n if n == "scsonet" else pytest.param(n, marks=pytest.mark.slow) for n in names]
+
+
 # Params (M) and GFLOPs at 256 x 256 as the paper prints them: Table 1 (the peers), Table 2 (the
 # ablation; Base is MALUNet), Table 3 (the SCF block variants). Text, because the decimals printed
 # are the precision a count must meet ("0.10" is two).
@@ -71,7 +77,7 @@ def test_batch_of_one_at_odd_size(name, training):
     assert torch.isfinite(out).all()
 
 
-@pytest.mark.parametrize("name", ALL_MODELS)
+@pytest.mark.parametrize("name", scsonet_quick(ALL_MODELS))
 def test_backward_reaches_every_parameter(name):
     torch.manual_seed(0)
     model = create_model(name).train()
@@ -82,7 +88,7 @@ def test_backward_reaches_every_parameter(name):
     assert dead == []
 
 
-@pytest.mark.parametrize("name", ALL_MODELS)
+@pytest.mark.parametrize("name", scsonet_quick(ALL_MODELS))
 def test_eval_output_does_not_depend_on_the_batch(name):
     torch.manual_seed(0)
     model = create_model(name)
@@ -108,9 +114,7 @@ def _as_printed(value: float, printed: str) -> str:
     return f"{value:.{len(printed.split('.')[1])}f}"
 
 
-# SCSONet's row stays in the quick subset; the others take a few seconds each.
-@pytest.mark.parametrize("name", [n if n == "scsonet" else pytest.param(n, marks=pytest.mark.slow)
-                                  for n in PAPER_COMPLEXITY])
+@pytest.mark.parametrize("name", scsonet_quick(PAPER_COMPLEXITY))
 def test_complexity_against_the_paper(name):
     pytest.importorskip("thop")
     counts = _complexity(name)
