@@ -1,6 +1,7 @@
 """Reliability score (scsonet.reliability): features, logistic fit, AUROC, the coefficient JSON."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -10,7 +11,7 @@ import scsonet
 from scsonet.errors import ScsonetError
 from scsonet.reliability import (FEATURES, ReliabilityModel, auroc, choose_review_threshold, default_model_path,
                                  fit_logistic, reliability_features)
-from scsonet.twopass import TwoPassInfo
+from scsonet.twopass import TwoPassInfo, two_pass_batch
 
 
 def disk(size=256, cy=128, cx=128, r=40, inside=0.95, outside=0.02):
@@ -51,6 +52,31 @@ def test_pass_and_flip_disagreement():
     overlap = (disk() >= 0.5) & (shifted >= 0.5)
     expected = (1 - 2 * overlap.sum() / (2 * (disk() >= 0.5).sum())) / 2
     assert f["flip_disagreement"] == pytest.approx(expected, abs=0.01)
+
+
+class SoftSegmenter:
+    """Stand-in backend: a smooth probability of darkness (so the margin depends on interpolation)."""
+
+    input_size = (64, 64)
+
+    def predict_probs(self, images: np.ndarray) -> np.ndarray:
+        return (1.0 / (1.0 + np.exp((images.mean(axis=-1) - 128.0) / 30.0))).astype(np.float32)
+
+
+@pytest.mark.parametrize("outside", ["zero", "pass1"])
+def test_features_from_two_pass_maps_match_the_full_size_map(outside):
+    yy, xx = np.mgrid[:900, :1300]
+    images = []
+    for cy, cx, r in ((300, 850, 45), (450, 650, 380)):  # pass 2 runs on the first; the second fills the frame
+        dark = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2.0 * r**2))
+        images.append(np.repeat((230 - 200 * dark).astype(np.uint8)[..., None], 3, axis=-1))
+    results = two_pass_batch(images, SoftSegmenter(), outside=outside)
+    assert [info.second_pass for _, info in results] == [True, False]
+    for probs, info in results:
+        from_full = reliability_features(probs, dataclasses.replace(info, pass1_small=None))
+        from_small = reliability_features(probs, info)
+        assert from_small == pytest.approx(from_full, abs=1e-6)
+        assert 0.05 < from_small["margin"] < 0.95 and from_small["lesion_share"] > 0
 
 
 def test_logistic_fit_recovers_a_separable_toy_problem():

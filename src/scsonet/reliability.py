@@ -10,6 +10,7 @@ Numpy only.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass, field
@@ -53,11 +54,11 @@ def reliability_features(probs: np.ndarray, info: Optional[TwoPassInfo] = None, 
 
     Args:
         probs: the final lesion probabilities (after two-pass prediction, if used).
-        info: two-pass prediction's ``TwoPassInfo`` for this image (None).
+        info: two-pass prediction's ``TwoPassInfo`` for this image, the one made with ``probs`` (None).
         threshold: the mask threshold (0.5).
         flip_probs: probability maps of flipped inputs, each flipped back (None).
     """
-    p = resize_probabilities(probs, FEATURE_SIZE)
+    p = _feature_map(probs, info)
     mask = p >= threshold
     area = int(mask.sum())
     border = np.concatenate([mask[0], mask[-1], mask[1:-1, 0], mask[1:-1, -1]])
@@ -80,6 +81,38 @@ def reliability_features(probs: np.ndarray, info: Optional[TwoPassInfo] = None, 
     return {"border_touch": float(border.mean()), "lesion_share": share, "lesion_share_sq": share * share,
             "log_components": math.log1p(components), "largest_share": largest, "margin": margin,
             "empty": float(area == 0), "pass_disagreement": float(pass_dis), "flip_disagreement": flip_dis}
+
+
+@functools.lru_cache(maxsize=16)
+def _axis_operator(samples: int, span: tuple[int, int], length: int, out: int) -> np.ndarray:
+    """(out, samples): along one axis, ``samples`` values upsampled (bilinear) onto ``span`` of a
+    line ``length`` pixels long (zero elsewhere), then resized to ``out`` pixels (antialiased),
+    each step by Pillow as ``resize_probabilities`` does it (row i: basis vector i through both)."""
+    start, stop = span
+    line = np.zeros((samples, length), np.float32)
+    line[:, start:stop] = resize_probabilities(np.eye(samples, dtype=np.float32), (samples, stop - start))
+    operator = resize_probabilities(line, (samples, out)).T
+    operator.flags.writeable = False
+    return operator
+
+
+def _feature_map(probs: np.ndarray, info: Optional["TwoPassInfo"]) -> np.ndarray:
+    """``probs`` resized to FEATURE_SIZE. With two-pass's maps at the model's size, the same figures
+    (to float rounding) from those: both resizes are linear and separable, so the full-size map
+    is never read (at 12 MP its resize costs more than all the features)."""
+    if (info is None or info.pass1_small is None or info.image_size is None
+            or probs.size <= FEATURE_SIZE[0] * FEATURE_SIZE[1]):  # a small map: resizing it is cheaper
+        return resize_probabilities(probs, FEATURE_SIZE)
+    height, width = info.image_size
+    if not info.second_pass:
+        small, (x0, y0, x1, y1) = info.pass1_small, (0, 0, width, height)
+    elif info.pass2_small is not None:
+        small, (x0, y0, x1, y1) = info.pass2_small, info.crop
+    else:  # pass 1 kept outside the crop: read the full-size map
+        return resize_probabilities(probs, FEATURE_SIZE)
+    rows = _axis_operator(small.shape[0], (y0, y1), height, FEATURE_SIZE[0])
+    cols = _axis_operator(small.shape[1], (x0, x1), width, FEATURE_SIZE[1])
+    return (rows @ small @ cols.T).astype(np.float32)
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:

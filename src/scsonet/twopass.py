@@ -63,11 +63,17 @@ class TwoPassInfo:
     context: Optional[float] = None  # the context whose pass 2 was kept
     pass2_border: Optional[float] = None
     pass1_small: Optional[np.ndarray] = field(default=None, repr=False)  # pass-1 probabilities at the model's size
+    # pass-2 probabilities at the model's size, set only where the final map is pass 2 in the crop and
+    # zero outside it; with pass1_small and image_size, the maps the full-size map is resized from
+    pass2_small: Optional[np.ndarray] = field(default=None, repr=False)
+    image_size: Optional[tuple[int, int]] = None  # (height, width) of the image
 
     def to_dict(self) -> dict:
-        """JSON-ready figures (without the probability map)."""
+        """JSON-ready figures (without the probability maps)."""
         out = asdict(self)
         out.pop("pass1_small")
+        out.pop("pass2_small")
+        out.pop("image_size")
         return out
 
 
@@ -186,15 +192,16 @@ def two_pass_batch(images: Sequence[np.ndarray], segmenter: Segmenter, *, thresh
     boxes: dict[int, tuple[float, float, float, float]] = {}  # pass-1 lesion box in image pixels
     for k, (rgb, p1) in enumerate(zip(images, first)):
         p1 = np.asarray(p1, dtype=np.float32)
-        full = resize_probabilities(p1, rgb.shape[:2])
+        shape = tuple(rgb.shape[:2])
+        full = resize_probabilities(p1, shape)
         lesion = largest_component(p1 >= threshold)
         if lesion.sum() < MIN_COMPONENT_PX:
-            results.append((full, TwoPassInfo(False, "no lesion", pass1_small=p1)))
+            results.append((full, TwoPassInfo(False, "no lesion", pass1_small=p1, image_size=shape)))
             continue
         sy, sx = rgb.shape[0] / size[0], rgb.shape[1] / size[1]
         bx0, by0, bx1, by1 = _bbox(lesion)
         boxes[k] = (bx0 * sx, by0 * sy, bx1 * sx, by1 * sy)
-        results.append((full, TwoPassInfo(False, "fills frame", pass1_small=p1)))
+        results.append((full, TwoPassInfo(False, "fills frame", pass1_small=p1, image_size=shape)))
     pending = list(boxes)
     for step, ctx in enumerate(contexts):
         last = step == len(contexts) - 1
@@ -213,9 +220,9 @@ def two_pass_batch(images: Sequence[np.ndarray], segmenter: Segmenter, *, thresh
             break
         batch = np.stack([crop_resized(images[k], window, size) for k, window in crops])
         pending = []
-        for (k, (x0, y0, x1, y1)), p2 in zip(crops, segmenter.predict_probs(batch)):
+        for (k, (x0, y0, x1, y1)), p2_small in zip(crops, segmenter.predict_probs(batch)):
             full, info = results[k]
-            p2 = resize_probabilities(p2, (y1 - y0, x1 - x0))
+            p2 = resize_probabilities(p2_small, (y1 - y0, x1 - x0))
             p2_mask = p2 >= threshold
             if not last and not _accepts(p2_mask, int((full >= threshold).sum())):
                 pending.append(k)
@@ -223,6 +230,7 @@ def two_pass_batch(images: Sequence[np.ndarray], segmenter: Segmenter, *, thresh
             probs = full.copy() if outside == "pass1" else np.zeros_like(full)
             probs[y0:y1, x0:x1] = p2
             info.second_pass, info.reason, info.context = True, "ran", ctx
+            info.pass2_small = np.asarray(p2_small, dtype=np.float32) if outside == "zero" else None
             info.agreement = round(dice(full[y0:y1, x0:x1] >= threshold, p2_mask), 6)
             info.pass2_border = round(_border_share(p2_mask), 6)
             results[k] = (probs, info)
