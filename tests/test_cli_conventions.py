@@ -149,6 +149,7 @@ def test_gitignore_covers_what_the_documented_commands_write():
     assert sorted(done.stdout.split()) == sorted(outputs)
 
 
+@pytest.mark.slow  # a subprocess or an export: seconds
 def test_closed_stdout_ends_quietly():
     """`scsonet models | head -0`: no BrokenPipeError traceback, status 128 + SIGPIPE."""
     import os

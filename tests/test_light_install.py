@@ -207,6 +207,7 @@ def _photo(path: Path, width: int, height: int) -> Path:
     return path
 
 
+@pytest.mark.slow  # a subprocess or an export: seconds
 def test_big_jpeg_mask_at_full_size_overlay_at_preview_size(tmp_path):
     from scsonet.inference import PREVIEW_SIDE, predict_files, shipped_onnx
     from scsonet.onnx_runtime import OrtSegmenter

@@ -164,6 +164,7 @@ def test_segment_image_gives_mask_probabilities_and_reliability(checkpoint):
     assert one.info is None and one.two_pass is False and isinstance(one.reliability, float)
 
 
+@pytest.mark.slow  # a subprocess or an export: seconds
 def test_onnx_export_embeds_the_reliability_model_and_checks_it(checkpoint, tmp_path):
     path = tmp_path / "model.onnx"
     export_onnx(load_model(checkpoint), path, check=False)

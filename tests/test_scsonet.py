@@ -130,6 +130,7 @@ def test_shipped_weights_load_strictly_and_give_the_recorded_logits():
     assert np.abs(got - expected).max() < 1e-9
 
 
+@pytest.mark.slow  # a subprocess or an export: seconds
 def test_the_plain_models_import_no_twin():
     """Building and running the plain models loads neither the fast training twin nor the export twin."""
     code = ("import sys, torch; from scsonet.models import create_model; "

@@ -200,6 +200,7 @@ def _rank(rank, init_file, out_dir):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # a subprocess or an export: seconds
 def test_rank0_decides_every_stop_for_all_ranks(tmp_path):
     mp.spawn(_rank, args=(tmp_path / "init", tmp_path), nprocs=2)
     assert [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)] == [[1.0, 2.5]] * 2
