@@ -133,8 +133,10 @@ def main(argv: list[str] | None = None) -> int:
         "The default path is what the base install (no PyTorch) runs; here it is `--backend onnxruntime`,",
         "which imports no torch. Big JPEGs are decoded at 1/2..1/8 scale (Pillow draft mode) for pass 1 and",
         "the overlay (longest side <= 1024; `--full-overlay` for full size); pass 2 decodes the file again",
-        "only as finely as its crop needs, and resizes its crop straight from Pillow's image. The mask is",
-        "written at full size (8-bit PNG, rows unfiltered, zlib run-length). Start-up: one ONNX Runtime",
+        "only as finely as its crop needs (most crops are served from the first decode), and resizes its",
+        "crop straight from Pillow's image. The probabilities stay at the model's size (a",
+        "`ProbabilityMap`); the mask is made from them at full size in 8 bits and written as an 8-bit PNG",
+        "(rows unfiltered, zlib run-length), the overlay with the PNG \"up\" filter. Start-up: one ONNX Runtime",
         "session (the model's metadata is read from the file, not through a second session); Pillow's",
         "plugins beyond JPEG/PNG/BMP/GIF/PPM and tqdm are loaded only when a file or a terminal needs them.",
     ]

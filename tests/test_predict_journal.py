@@ -287,7 +287,7 @@ def test_every_kind_of_bad_file_is_one_line_and_an_error_row_the_rest_are_done(t
     Image.new("RGB", (4000, 3000), (180, 120, 100)).save(phone, quality=80)
     good.append(phone)
 
-    real_read, real_predict = inference.read_draft, inference.predict_batch
+    real_read, real_predict = inference.read_draft, inference.predict_maps
 
     def read(path, *args):  # a Pillow plugin tripping over a crafted file
         if Path(path).name == "hostile.png":
@@ -300,7 +300,7 @@ def test_every_kind_of_bad_file_is_one_line_and_an_error_row_the_rest_are_done(t
         return real_predict(images, *args)
 
     monkeypatch.setattr(inference, "read_draft", read)
-    monkeypatch.setattr(inference, "predict_batch", predict)
+    monkeypatch.setattr(inference, "predict_maps", predict)
     monkeypatch.setattr(cli_predict, "_torch_segmenter", lambda args: (DiskSegmenter(), "stub"))
     out = tmp_path / "out"
     assert main(["predict", str(folder), "--out", str(out), "--quiet", "--batch-size", "4"]) == 1

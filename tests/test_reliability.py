@@ -75,7 +75,9 @@ def test_features_from_two_pass_maps_match_the_full_size_map(outside):
     for probs, info in results:
         from_full = reliability_features(probs, dataclasses.replace(info, pass1_small=None))
         from_small = reliability_features(probs, info)
-        assert from_small == pytest.approx(from_full, abs=1e-6)
+        # the full-size map is enlarged in 8 bits (1/255 steps), the small maps' route is float: a
+        # few pixels at the threshold flip (here 2 of the feature map's 1,020 border pixels)
+        assert from_small == pytest.approx(from_full, abs=0.01)
         assert 0.05 < from_small["margin"] < 0.95 and from_small["lesion_share"] > 0
 
 

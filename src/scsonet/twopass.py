@@ -26,13 +26,13 @@ from typing import TYPE_CHECKING, Optional, Sequence
 
 import numpy as np
 
-from .postprocess import crop_resized, resize_image, resize_probabilities
+from .postprocess import ProbabilityMap, crop_resized, resize_image, threshold_resized
 
 if TYPE_CHECKING:
     from .inference import Segmenter
 
 __all__ = ["CONTEXT", "MAX_CROP_SHARE", "TwoPassInfo", "crop_window", "dice", "label_components",
-           "largest_component", "two_pass_batch", "two_pass_probabilities"]
+           "largest_component", "two_pass_batch", "two_pass_maps", "two_pass_probabilities"]
 
 # Crop side / pass-1 lesion box's longer side, tightest first (chosen on val: docs/robustness/twopass_v1.md).
 # 1.5 zooms a lesion pasted small on a canvas back to training scale; 3.0 is the safe fallback.
@@ -170,15 +170,17 @@ def _accepts(p2_mask: np.ndarray, pass1_area: int) -> bool:
     return _border_share(p2_mask) <= GATE_BORDER and int(p2_mask.sum()) <= GATE_SHRINK * pass1_area
 
 
-def two_pass_batch(images: Sequence[np.ndarray], segmenter: Segmenter, *, threshold: float = 0.5,
-                   context: float | Sequence[float] = CONTEXT, max_crop_share: float = MAX_CROP_SHARE,
-                   outside: str = OUTSIDE, first: Optional[np.ndarray] = None) -> list[tuple[np.ndarray, TwoPassInfo]]:
+def two_pass_maps(images: Sequence[np.ndarray], segmenter: Segmenter, *, threshold: float = 0.5,
+                  context: float | Sequence[float] = CONTEXT, max_crop_share: float = MAX_CROP_SHARE,
+                  outside: str = OUTSIDE, first: Optional[np.ndarray] = None) -> list[tuple[ProbabilityMap, TwoPassInfo]]:
     """Two-pass probabilities of RGB uint8 images of any sizes; each pass runs as one batch.
 
     ``context``: crop side / lesion box side; a sequence tries each in turn (tightest first), an
     earlier one kept only where ``_accepts`` its pass 2, the last one always. ``first``: pass-1
     probabilities (B, h, w) at the model's size if already computed (None: run pass 1 here).
-    Returns, per image, float32 probabilities at the image's size and its ``TwoPassInfo``.
+    Returns, per image, its probabilities at the image's size (a ``ProbabilityMap``: no float map
+    at full size is made) and its ``TwoPassInfo``. The masks that decide (pass 1's area, pass 2's
+    border and agreement) are those the map gives, so a photo's outline is decided as it is drawn.
     """
     if outside not in ("zero", "pass1"):
         raise ValueError(f"outside must be 'zero' or 'pass1', got {outside!r}")
@@ -188,20 +190,20 @@ def two_pass_batch(images: Sequence[np.ndarray], segmenter: Segmenter, *, thresh
         first = segmenter.predict_probs(np.stack([resize_image(rgb, size) for rgb in images]))
     elif len(first) != len(images) or tuple(first.shape[1:]) != size:
         raise ValueError(f"first: expected ({len(images)}, {size[0]}, {size[1]}) probabilities, got {first.shape}")
-    results: list[tuple[np.ndarray, TwoPassInfo]] = []
+    results: list[tuple[ProbabilityMap, TwoPassInfo]] = []
     boxes: dict[int, tuple[float, float, float, float]] = {}  # pass-1 lesion box in image pixels
     for k, (rgb, p1) in enumerate(zip(images, first)):
         p1 = np.asarray(p1, dtype=np.float32)
         shape = tuple(rgb.shape[:2])
-        full = resize_probabilities(p1, shape)
+        pass1 = ProbabilityMap(shape, p1)
         lesion = largest_component(p1 >= threshold)
         if lesion.sum() < MIN_COMPONENT_PX:
-            results.append((full, TwoPassInfo(False, "no lesion", pass1_small=p1, image_size=shape)))
+            results.append((pass1, TwoPassInfo(False, "no lesion", pass1_small=p1, image_size=shape)))
             continue
         sy, sx = rgb.shape[0] / size[0], rgb.shape[1] / size[1]
         bx0, by0, bx1, by1 = _bbox(lesion)
         boxes[k] = (bx0 * sx, by0 * sy, bx1 * sx, by1 * sy)
-        results.append((full, TwoPassInfo(False, "fills frame", pass1_small=p1, image_size=shape)))
+        results.append((pass1, TwoPassInfo(False, "fills frame", pass1_small=p1, image_size=shape)))
     pending = list(boxes)
     for step, ctx in enumerate(contexts):
         last = step == len(contexts) - 1
@@ -220,21 +222,26 @@ def two_pass_batch(images: Sequence[np.ndarray], segmenter: Segmenter, *, thresh
             break
         batch = np.stack([crop_resized(images[k], window, size) for k, window in crops])
         pending = []
-        for (k, (x0, y0, x1, y1)), p2_small in zip(crops, segmenter.predict_probs(batch)):
-            full, info = results[k]
-            p2 = resize_probabilities(p2_small, (y1 - y0, x1 - x0))
-            p2_mask = p2 >= threshold
-            if not last and not _accepts(p2_mask, int((full >= threshold).sum())):
+        for (k, window), p2_small in zip(crops, segmenter.predict_probs(batch)):
+            pass1, info = results[k]
+            x0, y0, x1, y1 = window
+            p2_mask = threshold_resized(p2_small, (y1 - y0, x1 - x0), threshold)
+            pass1_mask = pass1.mask(threshold)
+            if not last and not _accepts(p2_mask, int(np.count_nonzero(pass1_mask))):
                 pending.append(k)
                 continue
-            probs = full.copy() if outside == "pass1" else np.zeros_like(full)
-            probs[y0:y1, x0:x1] = p2
+            final = ProbabilityMap(pass1.shape, pass1.base if outside == "pass1" else None, window, p2_small)
             info.second_pass, info.reason, info.context = True, "ran", ctx
-            info.pass2_small = np.asarray(p2_small, dtype=np.float32) if outside == "zero" else None
-            info.agreement = round(dice(full[y0:y1, x0:x1] >= threshold, p2_mask), 6)
+            info.pass2_small = final.patch if outside == "zero" else None
+            info.agreement = round(dice(pass1_mask[y0:y1, x0:x1], p2_mask), 6)
             info.pass2_border = round(_border_share(p2_mask), 6)
-            results[k] = (probs, info)
+            results[k] = (final, info)
     return results
+
+
+def two_pass_batch(images: Sequence[np.ndarray], segmenter: Segmenter, **kwargs) -> list[tuple[np.ndarray, TwoPassInfo]]:
+    """``two_pass_maps`` with each map made at full size: float32 (H, W) probabilities per image."""
+    return [(probs.dense(), info) for probs, info in two_pass_maps(images, segmenter, **kwargs)]
 
 
 def two_pass_probabilities(rgb: np.ndarray, segmenter: Segmenter, **kwargs) -> tuple[np.ndarray, TwoPassInfo]:
