@@ -15,7 +15,9 @@ from PIL import Image
 
 from _synthdata import (OUT, check_pairs, encode, folder_dataset, image_array, isic_parts, mask_array,
                         write_files, write_zip)
+from scsonet._checks import MIN_STD
 from scsonet.cli.main import main
+from scsonet.data.dataset import PreparedData
 from scsonet.data.decode import binarize_mask, read_image, read_mask
 from scsonet.data.layouts import list_pairs
 from scsonet.data.prepare import channel_stats, prepare_dataset
@@ -156,10 +158,21 @@ def test_manifest_stats_checksums_and_layout(tmp_path):
     assert images.dtype == masks.dtype == np.uint8
     x = images.reshape(-1, 3) / 255.0
     np.testing.assert_allclose(m["stats"]["mean"], x.mean(0), atol=1e-6)
-    np.testing.assert_allclose(m["stats"]["std"], x.std(0), atol=1e-6)
+    np.testing.assert_allclose(m["stats"]["std"], np.maximum(x.std(0), MIN_STD), atol=1e-6)  # a flat channel: MIN_STD
     assert m["format"] == "scsonet-prepared-v1" and m["size"] == [OUT, OUT]
     assert sorted(m["files"]) == sorted(f"{s}/{f}" for s in m["splits"] for f in ("images.npy", "masks.npy", "ids.txt"))
     assert json.loads((out / "manifest.json").read_text()) == m
+
+
+@pytest.mark.parametrize("stats", [{"mean": [0.5] * 3, "std": [0.0] * 3}, {"mean": [0.5] * 3}, [0.5, 0.2]])
+def test_manifest_with_unusable_stats_is_refused(tmp_path, stats):
+    prepare(folder_dataset(tmp_path / "src", n=4), tmp_path / "out", test_ratio=0.0, val_ratio=0.0)
+    manifest = tmp_path / "out" / "manifest.json"
+    m = json.loads(manifest.read_text())
+    m["stats"] = stats
+    manifest.write_text(json.dumps(m))
+    with pytest.raises(ScsonetError, match=r"manifest.json.*(std|mean|stats)"):
+        PreparedData(tmp_path / "out")
 
 
 def test_channel_stats_chunking_matches_numpy():
@@ -351,8 +364,6 @@ def test_real_isic2017_pairs_match_split_file():
 @pytest.mark.realdata
 @pytest.mark.slow
 def test_real_isic2017_prepare_acceptance(isic2017_prepared):
-    from scsonet.data import PreparedData
-
     m = PreparedData(isic2017_prepared).manifest
     assert {s: v["count"] for s, v in m["splits"].items()} == {"train": 1350, "val": 150, "test": 650}
     assert not m["skipped"]

@@ -132,6 +132,8 @@ def test_folder_runs_scsonet_predicts_two_pass_path_by_default(tmp_path):
         written = list(csv.DictReader(f))
     assert list(written[0])[-3:] == ["two_pass", "reliability", "review"]
     assert [(w["two_pass"], w["review"]) for w in written] == [(str(r["two_pass"]), str(r["review"])) for r in rows]
+    # reliability as predict's results.csv writes it (3 decimals), not padded to the Dice columns' 6
+    assert [w["reliability"] for w in written] == [str(r["reliability"]) for r in rows]
 
 
 def _bad_mask() -> np.ndarray:

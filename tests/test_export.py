@@ -193,6 +193,17 @@ def test_cli_export_torchscript_rejects_onnx_options(checkpoint, workdir, capsys
     assert "--quantize and --no-reparameterize apply to --format onnx only" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("opset", ["3", "99"])
+def test_cli_export_an_opset_the_exporter_lacks_is_one_line_and_no_file(checkpoint, workdir, capfd, opset):
+    out = workdir / f"opset{opset}.onnx"
+    assert main(["export", "--weights", str(checkpoint), "--format", "onnx", "--opset", opset, "--out", str(out)]) == 2
+    captured = capfd.readouterr()  # at the file descriptors: the exporter prints its graph dump there
+    assert captured.out == "" and captured.err.splitlines() == [
+        f"scsonet export: error: opset {opset}: torch {torch.__version__} cannot export the model at it "
+        f"(Unsupported onnx_opset_version: {opset}); the default is 17"], captured.err
+    assert not out.exists() and not list(workdir.glob(".*.tmp"))
+
+
 @pytest.mark.slow
 def test_int8_export_is_labelled_and_close(workdir, checkpoint, images, monkeypatch):
     monkeypatch.setattr(export_mod, "random_batches", lambda size, seed=0: random_batches(size)[:1])

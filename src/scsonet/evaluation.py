@@ -320,10 +320,10 @@ def evaluate_folder(
     return report, rows
 
 
-def _csv_cell(value: Any) -> Any:
+def _csv_cell(key: str, value: Any) -> Any:
     if value is None:  # no reliability model: an empty cell, as in predict's results.csv
         return ""
-    if isinstance(value, float):
+    if isinstance(value, float) and key not in PREDICT_COLUMNS:  # predict's columns as predict writes them
         return "" if math.isnan(value) else f"{value:.6f}"
     return value
 
@@ -336,7 +336,7 @@ def write_report(report: dict[str, Any], rows: list[dict[str, Any]], out_dir: st
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
-    writer.writerows({key: _csv_cell(row[key]) for key in columns} for row in rows)
+    writer.writerows({key: _csv_cell(key, row[key]) for key in columns} for row in rows)
     report_path, rows_path = out_dir / REPORT_NAME, out_dir / PER_IMAGE_NAME
     write_text_atomic(rows_path, buffer.getvalue())
     write_json_atomic(report_path, report)

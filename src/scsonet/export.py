@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import tempfile
+import sys
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -257,10 +258,22 @@ def _gate(checks: list[CheckResult], out: Path, tolerance: float) -> None:
 
 
 def _quiet_export(fn: Callable[[], Any]) -> Any:
-    """Run an exporter without its deprecation and tracer warnings (the checks judge the result)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return fn()
+    """Run an exporter without its deprecation and tracer warnings (the checks judge the result),
+    and without what it prints to the process's stdout and stderr itself: on a failure, a dump of
+    the whole graph (thousands of lines) before the exception that says why."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    try:
+        with open(os.devnull, "w") as void, warnings.catch_warnings():
+            os.dup2(void.fileno(), 1)
+            os.dup2(void.fileno(), 2)
+            warnings.simplefilter("ignore")
+            return fn()
+    finally:
+        for fd, copy_of_it in zip((1, 2), saved):
+            os.dup2(copy_of_it, fd)
+            os.close(copy_of_it)
 
 
 def _write_onnx(model: nn.Module, path: Path, size: tuple[int, int], opset: int, metadata: dict[str, str]) -> None:
@@ -271,7 +284,12 @@ def _write_onnx(model: nn.Module, path: Path, size: tuple[int, int], opset: int,
     if "dynamo" in inspect.signature(torch.onnx.export).parameters:
         kwargs["dynamo"] = False  # torch >= 2.9 defaults to the dynamo exporter
     example = torch.zeros(1, 3, *size)
-    _quiet_export(lambda: torch.onnx.export(model, (example,), str(path), **kwargs))
+    try:
+        _quiet_export(lambda: torch.onnx.export(model, (example,), str(path), **kwargs))
+    except Exception as err:  # an opset the exporter, or one of the graph's operators, does not support
+        text = str(err).strip().splitlines()
+        raise ScsonetError(f"opset {opset}: torch {torch.__version__} cannot export the model at it "
+                           f"({text[0] if text else type(err).__name__}); the default is {DEFAULT_OPSET}") from None
     proto = onnx.load(str(path))
     onnx.helper.set_model_props(proto, metadata)
     proto.doc_string = "SCSONet skin-lesion segmentation; preprocessing in metadata_props"
@@ -300,6 +318,8 @@ def export_onnx(loaded: LoadedModel, out: str | os.PathLike, *, opset: int = DEF
     """
     if quantize not in (None, *QUANTIZE):
         raise ScsonetError(f"quantize must be one of {QUANTIZE}, not {quantize!r}")
+    if isinstance(opset, bool) or not isinstance(opset, int) or opset < 1:
+        raise ScsonetError(f"opset must be a positive whole number, not {opset!r}")
     out = Path(out)
     model = loaded.model.cpu().eval()
     lean = reparameterize and deploy.is_reparameterizable(model)

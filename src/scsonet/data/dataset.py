@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .._checks import check_preprocessing, show
 from ..errors import ScsonetError
 from ..transforms import SegmentationPreset
 from .prepare import FORMAT, MANIFEST, sha256_file
@@ -52,6 +53,12 @@ class PreparedData:
             raise ScsonetError(f"{manifest_path}: format {found!r} is not {FORMAT!r}; prepare the dataset again")
         if missing := [k for k in _MANIFEST_KEYS if k not in self.manifest]:
             raise ScsonetError(f"{manifest_path}: lacks {', '.join(missing)}; prepare the dataset again")
+        stats = self.manifest["stats"]
+        if not isinstance(stats, dict):
+            raise ScsonetError(f"{manifest_path}: stats={show(stats)}: expected a mapping with mean and std")
+        # the normalisation every model trained on it carries: a std of 0 would divide by zero
+        check_preprocessing({"resize_size": self.manifest["size"], "mean": stats.get("mean"), "std": stats.get("std")},
+                            f"{manifest_path} (its size and stats)")
         for rel, digest in self.manifest["files"].items():
             path = self.root / rel
             if not path.is_file():

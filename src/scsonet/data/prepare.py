@@ -27,7 +27,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .. import __version__
-from .._checks import MIN_SIDE
+from .._checks import MIN_SIDE, MIN_STD
 from .._io import atomic_dir
 from ..errors import ScsonetError
 from .decode import read_image, read_mask
@@ -99,7 +99,9 @@ def _check_problems(problems: list[Problem], skip_bad: bool) -> None:
 
 
 def channel_stats(images: np.ndarray, chunk: int = 64) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std of uint8 (N, H, W, 3) images, in 0..1 scale (float64 sums)."""
+    """Per-channel mean and std of uint8 (N, H, W, 3) images, in 0..1 scale (float64 sums); a std
+    is at least ``MIN_STD``, so that a channel constant over the training images (a synthetic or
+    greyscale set) normalises to 0, not to 0 / 0."""
     total, total_sq = np.zeros(3), np.zeros(3)
     for start in range(0, len(images), chunk):
         x = images[start:start + chunk].reshape(-1, 3).astype(np.float64) / 255.0
@@ -107,7 +109,7 @@ def channel_stats(images: np.ndarray, chunk: int = 64) -> tuple[list[float], lis
         total_sq += np.square(x).sum(0)
     n = images.shape[0] * images.shape[1] * images.shape[2]
     mean = total / n
-    std = np.sqrt(np.maximum(total_sq / n - mean**2, 0.0))
+    std = np.maximum(np.sqrt(np.maximum(total_sq / n - mean**2, 0.0)), MIN_STD)
     return [round(float(v), 6) for v in mean], [round(float(v), 6) for v in std]
 
 
