@@ -14,6 +14,10 @@ ground-truth mask's original resolution (the prepared image was squashed from it
 1 / ``--large-zoom`` of that side and pasted off-centre on a canvas of that original size made
 of another image's most lesion-free quarter, enlarged. Dice is scored at full resolution.
 
+``--truth-crop`` adds a third column, the bound of a perfect pass 1: pass 2 on a crop of the
+tightest context around the GROUND TRUTH's lesion box (the image unchanged where it has no
+lesion). Where two-pass falls far below it, finding the lesion is what fails, not outlining it.
+
 Writes OUT (Markdown) and OUT with .json. Choices are made on ``--split val``, never on test.
 """
 from __future__ import annotations
@@ -39,8 +43,9 @@ from scsonet.errors import ScsonetError  # noqa: E402
 from scsonet.inference import TorchSegmenter  # noqa: E402
 from scsonet.models import load_model  # noqa: E402
 from scsonet.postprocess import resize_image, resize_probabilities  # noqa: E402
-from scsonet.shifts import donor_pool, get_shifts, image_rng, skin_canvas, zoom_out  # noqa: E402
-from scsonet.twopass import CONTEXT, MAX_CROP_SHARE, OUTSIDE, two_pass_batch  # noqa: E402
+from scsonet.postprocess import ProbabilityMap, crop_resized  # noqa: E402
+from scsonet.shifts import donor_pool, get_shifts, image_rng, shifted_pairs, skin_canvas, zoom_out  # noqa: E402
+from scsonet.twopass import CONTEXT, MAX_CROP_SHARE, OUTSIDE, crop_window, two_pass_batch  # noqa: E402
 
 ZOOM_OUT = "zoom_out"  # shifts whose name contains this are the default set
 
@@ -140,6 +145,29 @@ def run_large(passes: SharedPasses, images, masks, ids, raw: Path, count: int, z
     return {"zoom": zoom, "rows": rows, "summary": summary}
 
 
+def truth_crop_rows(segmenter: Any, shifts, images, masks, ids, context: float, threshold: float, seed: int = 0,
+                    batch_size: int = 50) -> dict[str, dict[str, Any]]:
+    """Per shift, the figures of pass 2 on a crop around each image's ground-truth lesion box."""
+    size = tuple(segmenter.input_size)
+    rows = {}
+    for shift in shifts:
+        counts = []
+        pairs = shifted_pairs(shift, images, masks, ids, seed=seed)
+        while chunk := [pair for _, pair in zip(range(batch_size), pairs)]:
+            windows = []
+            for _, image, mask in chunk:
+                ys, xs = np.nonzero(mask)
+                box = (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1) if len(xs) else None
+                windows.append([0, 0, mask.shape[1], mask.shape[0]] if box is None
+                               else crop_window(box, mask.shape, context))
+            patches = segmenter.predict_probs(np.stack([crop_resized(image, w, size) for (_, image, _), w in zip(chunk, windows)]))
+            for (_, _, mask), window, patch in zip(chunk, windows, patches):
+                pred = ProbabilityMap(mask.shape, None, window, patch).mask(threshold)
+                counts.append(_dice(pred.astype(np.float32), mask, 0.5)[1])
+        rows[shift.name] = summarize(np.array(counts).reshape(-1, 3))[0]
+    return rows
+
+
 def _pct(v):
     return "n/a" if v is None else f"{100 * v:.2f}"
 
@@ -149,14 +177,21 @@ def format_markdown(report: dict[str, Any]) -> str:
              f"Written by `{report['command']}`.", "",
              f"Weights `{report['weights']}`; two-pass options {report['options']}; threshold {report['threshold']}; "
              f"{report['machine']}, {report['wall_seconds']:.0f} s.", "",
-             f"Pooled DSC in %, failure: Dice < {FAILURE_DICE}. \"pass 2 ran\": images where two-pass used its crop.", "",
-             "| shift | images | one-pass DSC | two-pass DSC | one-pass failures | two-pass failures | pass 2 ran |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             f"Pooled DSC in %, failure: Dice < {FAILURE_DICE}. \"pass 2 ran\": images where two-pass used its crop.", ""]
+    truth = any("truth-crop" in r for r in report["rows"].values())
+    if truth:
+        lines += ["Truth crop: pass 2 on a crop around the ground truth's lesion box (context "
+                  f"{report['options']['context'][0]:g}), the bound of a pass 1 that always finds the lesion.", ""]
+    extra = " truth-crop DSC | truth-crop failures |" if truth else ""
+    lines += ["| shift | images | one-pass DSC | two-pass DSC | one-pass failures | two-pass failures | pass 2 ran |" + extra,
+              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |" + " ---: | ---: |" * truth]
     for name, r in report["rows"].items():
         one, two = r["one-pass"], r["two-pass"]
+        cells = f" {_pct(r['truth-crop']['pooled_dsc'])} | {_pct(r['truth-crop']['failure_rate'])} % " \
+                f"({r['truth-crop']['failures']}) |" if truth else ""
         lines.append(f"| {name} | {one['n']} | {_pct(one['pooled_dsc'])} | {_pct(two['pooled_dsc'])} | "
                      f"{_pct(one['failure_rate'])} % ({one['failures']}) | {_pct(two['failure_rate'])} % ({two['failures']}) | "
-                     f"{r['ran']} |")
+                     f"{r['ran']} |" + cells)
     if report.get("large"):
         large = report["large"]
         one, two = large["summary"]["one-pass"], large["summary"]["two-pass"]
@@ -182,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"crop side / lesion side, comma-separated, tightest first ({','.join(map(str, CONTEXT))})")
     p.add_argument("--max-crop-share", type=float, default=MAX_CROP_SHARE, help=f"({MAX_CROP_SHARE})")
     p.add_argument("--outside", default=OUTSIDE, choices=["zero", "pass1"], help=f"({OUTSIDE})")
+    p.add_argument("--truth-crop", action="store_true",
+                   help="also pass 2 on a crop around the ground truth's lesion (the bound of a perfect pass 1)")
     p.add_argument("--large", type=int, default=0, help="number of large photos to build and score (0)")
     p.add_argument("--large-zoom", type=float, default=3.0, help="the large photos' zoom-out factor (3)")
     p.add_argument("--raw", type=Path, default=Path("../shared/data/isic2017"), help="raw ISIC 2017 (original-size masks)")
@@ -226,6 +263,10 @@ def _run(args, argv) -> int:
         rows[shift.name] = {label: result["rows"][label][shift.name] for label in labels}
         rows[shift.name]["ran"] = ran.get(shift.name, "")  # a subset's images were predicted unshifted
         rows[shift.name]["per_image"] = {label: result["per_image"][label][shift.name]["dice"] for label in labels}
+    if args.truth_crop:
+        for name, figures in truth_crop_rows(passes.segmenter, shifts, images, masks, ids, args.context[0],
+                                             args.threshold, args.seed, args.batch_size).items():
+            rows[name]["truth-crop"] = figures
     large = run_large(passes, images, masks, ids, args.raw, args.large, args.large_zoom, args.threshold) \
         if args.large else None
     argv = sys.argv[1:] if argv is None else argv

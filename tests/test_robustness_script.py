@@ -149,3 +149,32 @@ def test_compare_renders_saved_reports_side_by_side_for_the_readme(prepared, tmp
     assert "another split, image set or seed" in capsys.readouterr().err  # never compare unlike image sets
     assert script.main(["--compare", f"a={tmp_path / 'nope.json'}"]) == 2
     assert "nope.json" in capsys.readouterr().err
+
+
+def test_truth_crop_scores_pass_2_around_the_ground_truths_lesion(prepared):
+    spec = importlib.util.spec_from_file_location("twopass_eval", ROOT / "benchmarks" / "twopass_eval.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    images, masks, ids = module.load_split(prepared, "test")
+    shifts = module.get_shifts(["none", "zoom_out_flat_3"])
+
+    class Fixed:
+        input_size = (SIDE, SIDE)
+
+        def __init__(self, rule):
+            self.rule, self.seen = rule, []
+
+        def predict_probs(self, batch):
+            self.seen.append(len(batch))
+            return self.rule(batch).astype(np.float32)
+
+    red = Fixed(lambda b: b[..., 0] > 200)  # finds the synthetic lesions wherever they are
+    rows = module.truth_crop_rows(red, shifts, images, masks, ids, 1.5, 0.5, batch_size=3)
+    assert sum(red.seen) == 2 * len(ids)  # one pass 2 per image and shift, in batches
+    assert rows["none"]["pooled_dsc"] > 0.9 and rows["zoom_out_flat_3"]["pooled_dsc"] > 0.5  # blurred by the shrink
+    everything = Fixed(lambda b: np.ones(b.shape[:3], bool))  # outlines the whole crop
+    crude = module.truth_crop_rows(everything, shifts, images, masks, ids, 1.5, 0.5)
+    plain = [np.ones_like(m) for m in masks]
+    frame = module.summarize(np.array([module._dice(p, m, 0.5)[1] for p, m in zip(plain, masks)]))[0]
+    # the crop, not the frame: 1.5x the lesion's box holds more than the lesion, less than the image
+    assert frame["pooled_dsc"] < crude["none"]["pooled_dsc"] < rows["none"]["pooled_dsc"]

@@ -60,12 +60,13 @@ def test_readme_figures_are_what_their_commands_print():
 
 @pytest.mark.realdata
 @pytest.mark.slow
-def test_card_figures_equal_a_fresh_evaluation(isic2017_prepared):
+@pytest.mark.parametrize("name", sorted(PRETRAINED))
+def test_card_figures_equal_a_fresh_evaluation(name, isic2017_prepared):
     from scsonet.data import PreparedData
     from scsonet.evaluation import evaluate
 
-    card = SCSONet_Weights.DEFAULT.meta["_metrics"]["ISIC2017-test"]
-    report, _ = evaluate(load_pretrained("scsonet-isic2017"), PreparedData(isic2017_prepared).load("test"),
+    card = PRETRAINED[name].meta["_metrics"]["ISIC2017-test"]
+    report, _ = evaluate(load_pretrained(name), PreparedData(isic2017_prepared).load("test"),
                          batch_size=16, hd95=False, split="test")
     assert report["pooled"] == pytest.approx(card["pooled"], abs=1e-6)
     assert report["per_image"] == pytest.approx(card["per_image"], abs=1e-6)
