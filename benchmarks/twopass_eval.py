@@ -42,10 +42,9 @@ from scsonet._io import write_json_atomic, write_text_atomic  # noqa: E402
 from scsonet.errors import ScsonetError  # noqa: E402
 from scsonet.inference import TorchSegmenter  # noqa: E402
 from scsonet.models import load_model  # noqa: E402
-from scsonet.postprocess import resize_image, resize_probabilities  # noqa: E402
-from scsonet.postprocess import ProbabilityMap, crop_resized  # noqa: E402
+from scsonet.postprocess import ProbabilityMap, crop_resized, resize_image, resize_probabilities  # noqa: E402
 from scsonet.shifts import donor_pool, get_shifts, image_rng, shifted_pairs, skin_canvas, zoom_out  # noqa: E402
-from scsonet.twopass import CONTEXT, MAX_CROP_SHARE, OUTSIDE, crop_window, two_pass_batch  # noqa: E402
+from scsonet.twopass import CONTEXT, MAX_CROP_SHARE, OUTSIDE, _bbox, crop_window, two_pass_batch  # noqa: E402
 
 ZOOM_OUT = "zoom_out"  # shifts whose name contains this are the default set
 
@@ -154,16 +153,11 @@ def truth_crop_rows(segmenter: Any, shifts, images, masks, ids, context: float, 
         counts = []
         pairs = shifted_pairs(shift, images, masks, ids, seed=seed)
         while chunk := [pair for _, pair in zip(range(batch_size), pairs)]:
-            windows = []
-            for _, image, mask in chunk:
-                ys, xs = np.nonzero(mask)
-                box = (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1) if len(xs) else None
-                windows.append([0, 0, mask.shape[1], mask.shape[0]] if box is None
-                               else crop_window(box, mask.shape, context))
+            windows = [crop_window(_bbox(mask), mask.shape, context) if mask.any() else [0, 0, mask.shape[1], mask.shape[0]]
+                       for _, _, mask in chunk]
             patches = segmenter.predict_probs(np.stack([crop_resized(image, w, size) for (_, image, _), w in zip(chunk, windows)]))
             for (_, _, mask), window, patch in zip(chunk, windows, patches):
-                pred = ProbabilityMap(mask.shape, None, window, patch).mask(threshold)
-                counts.append(_dice(pred.astype(np.float32), mask, 0.5)[1])
+                counts.append(_dice(ProbabilityMap(mask.shape, None, window, patch).dense(), mask, threshold)[1])
         rows[shift.name] = summarize(np.array(counts).reshape(-1, 3))[0]
     return rows
 
