@@ -5,6 +5,7 @@ import csv
 import dataclasses
 import importlib.util
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -303,3 +304,45 @@ def test_pack_best_of_runs_installs_named_weights(trained_study, prepared, tmp_p
     assert load_model("egeunet-isic2017").name == "egeunet"
     assert main(["weights", "show", "malunet-isic2017"]) == 2
     assert "not installed" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_records_keep_their_weights_and_pack_without_checkpoints(trained_study, prepared, tmp_path, capsys):
+    """A clean checkout has the records but no best.pt: packing from the records gives the same card."""
+    import shutil
+
+    study, _ = trained_study
+    records = []
+    for seed in (1, 2):
+        run = study.run_dir("egeunet", seed)
+        assert (run / "weights.safetensors").is_file() and (run / "weights.json").is_file()
+        copy = tmp_path / "checkout" / run.name
+        shutil.copytree(run, copy, ignore=shutil.ignore_patterns("*.pt"))
+        records.append(str(copy))
+    from_ckpt, from_record = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    assert main(["weights", "pack", "--best-of", *(str(study.run_dir("egeunet", s)) for s in (1, 2)),
+                 "--data", str(prepared), "--out", str(from_ckpt)]) == 0
+    assert main(["weights", "pack", "--best-of", *records, "--data", str(prepared), "--out", str(from_record)]) == 0
+    capsys.readouterr()
+    a, b = (json.loads(p.with_suffix(".json").read_text()) for p in (from_ckpt, from_record))
+    assert from_ckpt.read_bytes() == from_record.read_bytes()
+    kept = json.loads((study.run_dir("egeunet", 1) / "weights.json").read_text())
+    assert b["recipe"]["trained_at_commit"] == kept["recipe"]["trained_at_commit"]  # from its segments.jsonl
+    a["recipe"].pop("trained_at_commit"), b["recipe"].pop("trained_at_commit")
+    assert a["recipe"] == b["recipe"] and a["_docs"] == b["_docs"]
+    ma, mb = a["_metrics"]["ISIC2017-test"], b["_metrics"]["ISIC2017-test"]
+    assert ma["pooled"] == mb["pooled"] and ma["per_image"] == mb["per_image"]
+
+    card_path = Path(records[0]) / "weights.json"
+    card = json.loads(card_path.read_text())
+    card["recipe"]["best_epoch"] = "1; rm -rf /"
+    card_path.write_text(json.dumps(card))
+    assert main(["weights", "pack", "--best-of", records[0], "--data", str(prepared),
+                 "--out", str(tmp_path / "c.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "weights.json: recipe.best_epoch=" in err and "Traceback" not in err
+    assert not (tmp_path / "c.safetensors").exists()
+    (Path(records[1]) / "weights.safetensors").unlink()
+    assert main(["weights", "pack", "--best-of", records[1], "--data", str(prepared),
+                 "--out", str(tmp_path / "d.safetensors")]) == 2
+    assert "holds neither best.pt nor weights.safetensors" in capsys.readouterr().err

@@ -10,7 +10,7 @@ import subprocess
 from pathlib import Path
 from typing import Any, Sequence
 
-from ._checks import check_preprocessing
+from ._checks import check_preprocessing, is_finite, is_int, show
 from ._io import atomic_path, write_json_atomic
 from .complexity import count_macs, count_params
 from .errors import ScsonetError
@@ -28,28 +28,16 @@ def _git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
-def pack_weights(checkpoint: str | Path, data: str | Path, out: str | Path, *, dataset_name: str,
-                 trained_at_commit: str | None = None, docs: str = "", split: str = "test",
-                 device: str = "cpu") -> dict[str, Any]:
-    """Write ``out`` (``.safetensors``) and its card ``out.with_suffix('.json')``; return the card."""
-    from safetensors.torch import save_file
+# A study run's selected weights, kept in its committed record (checkpoints are not committed), so
+# that a later session or another machine can pack or re-evaluate them without retraining.
+RECORD_WEIGHTS = "weights.safetensors"
 
-    from .data import PreparedData
-    from .models import load_model
-    from .models._loading import checkpoint_model, read_checkpoint
 
-    checkpoint, out = Path(checkpoint), Path(out)
-    if out.suffix != ".safetensors":
-        raise ScsonetError(f"{out}: the weights file must end in .safetensors")
-    ckpt = read_checkpoint(checkpoint, require=("epoch",))
-    loaded = checkpoint_model(ckpt, str(checkpoint))  # checks every value the card copies
-    model = loaded.model
-    config = ckpt.get("config", {})
-    pre = check_preprocessing(ckpt["preprocessing"], str(checkpoint))  # checked, in plain lists
+def _card(model, arch: str, model_args: Any, pre: dict[str, Any], recipe: dict[str, Any], docs: str) -> dict[str, Any]:
     threshold = pre.pop("threshold", 0.5)
-    card: dict[str, Any] = {
-        "arch": ckpt["model_name"],
-        "model_args": ckpt.get("model_args", {}),
+    return {
+        "arch": arch,
+        "model_args": model_args,
         "preprocessing": pre,
         "num_params": count_params(model),
         "categories": ["background", "lesion"],
@@ -59,23 +47,96 @@ def pack_weights(checkpoint: str | Path, data: str | Path, out: str | Path, *, d
         "std": pre["std"],
         "interpolation": "bilinear",
         "threshold": threshold,
-        "protocol": ckpt.get("protocol"),
+        "protocol": recipe["protocol"],
         "license": LICENSE,
         # Read by create_model(weights=...) to adapt in_chans and to reset the head (models/_builder.py).
         "first_conv": model.first_conv_name,
         "classifier": model.classifier_name,
-        "recipe": {"config": config, "protocol": ckpt.get("protocol"), "selected_on": loaded.meta.get("select_split"),
-                   "best_epoch": ckpt["epoch"] + 1, "best_select_dsc": ckpt.get("best_val_dsc"),
-                   "trained_at_commit": trained_at_commit},
+        "recipe": recipe,
         "_ops_macs": count_macs(model, tuple(pre["resize_size"])),
         "_docs": docs,
     }
-    # Write the weights first: the evaluation loads exactly the file that ships.
+
+
+def _card_of_checkpoint(checkpoint: Path, trained_at_commit: str | None, docs: str) -> tuple[dict[str, Any], Any]:
+    from .models._loading import checkpoint_model, read_checkpoint
+
+    ckpt = read_checkpoint(checkpoint, require=("epoch",))
+    loaded = checkpoint_model(ckpt, str(checkpoint))  # checks every value the card copies
+    pre = check_preprocessing(ckpt["preprocessing"], str(checkpoint))  # checked, in plain lists
+    recipe = {"config": ckpt.get("config", {}), "protocol": ckpt.get("protocol"),
+              "selected_on": loaded.meta.get("select_split"), "best_epoch": ckpt["epoch"] + 1,
+              "best_select_dsc": ckpt.get("best_val_dsc"), "trained_at_commit": trained_at_commit}
+    return _card(loaded.model, ckpt["model_name"], ckpt.get("model_args", {}), pre, recipe, docs), loaded.model
+
+
+# What a record's card carries beyond what loading it checks: (check, what is expected).
+_RECIPE_CHECKS = {"config": (lambda v: isinstance(v, dict), "a mapping"),
+                  "protocol": (lambda v: v is None or isinstance(v, str), "a string"),
+                  "selected_on": (lambda v: v is None or isinstance(v, str), "a string"),
+                  "best_epoch": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
+                  "best_select_dsc": (lambda v: v is None or is_finite(v), "a finite number"),
+                  "trained_at_commit": (lambda v: v is None or isinstance(v, str), "a string")}
+
+
+def _card_of_record(weights: Path, trained_at_commit: str | None, docs: str) -> tuple[dict[str, Any], Any]:
+    """The card of a record's ``weights.safetensors``, rebuilt from checked values only."""
+    from .models import load_model
+
+    loaded = load_model(weights)  # checks the architecture, its arguments, preprocessing, threshold, weights
+    where = weights.with_suffix(".json")
+    recipe = loaded.meta.get("recipe")
+    if not isinstance(recipe, dict) or set(recipe) != set(_RECIPE_CHECKS):
+        raise ScsonetError(f"{where}: recipe: expected a mapping of {', '.join(_RECIPE_CHECKS)}")
+    for key, (ok, expected) in _RECIPE_CHECKS.items():
+        if not ok(recipe[key]):
+            raise ScsonetError(f"{where}: recipe.{key}={show(recipe[key])}: expected {expected}")
+    pre = check_preprocessing(loaded.meta["preprocessing"], str(where))
+    pre["threshold"] = loaded.meta.get("threshold", 0.5)  # checked by load_model
+    recipe = {**recipe, "trained_at_commit": trained_at_commit or recipe["trained_at_commit"]}
+    return _card(loaded.model, loaded.name, loaded.meta.get("model_args", {}), pre, recipe, docs), loaded.model
+
+
+def _write_weights(model, card: dict[str, Any], out: Path) -> Path:
+    from safetensors.torch import save_file
+
     with atomic_path(out) as tmp:
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
     card_path = out.with_suffix(".json")
+    write_json_atomic(card_path, card)
+    return card_path
+
+
+def keep_record_weights(run_dir: str | Path, trained_at_commit: str | None = None) -> Path:
+    """Write ``run_dir/weights.safetensors`` and its card (no metrics) from ``run_dir/best.pt``."""
+    run_dir = Path(run_dir)
+    card, model = _card_of_checkpoint(run_dir / "best.pt", trained_at_commit,
+                                      f"Selected weights of the run record {run_dir.name}.")
+    out = run_dir / RECORD_WEIGHTS
+    _write_weights(model, card, out)
+    return out
+
+
+def pack_weights(source: str | Path, data: str | Path, out: str | Path, *, dataset_name: str,
+                 trained_at_commit: str | None = None, docs: str = "", split: str = "test",
+                 device: str = "cpu") -> dict[str, Any]:
+    """Write ``out`` (``.safetensors``) and its card ``out.with_suffix('.json')``; return the card.
+
+    ``source`` is a training checkpoint (``best.pt``) or a run record's ``weights.safetensors``.
+    """
+    from .data import PreparedData
+    from .models import load_model
+
+    source, out = Path(source), Path(out)
+    if out.suffix != ".safetensors":
+        raise ScsonetError(f"{out}: the weights file must end in .safetensors")
+    if source.suffix == ".safetensors":
+        card, model = _card_of_record(source, trained_at_commit, docs)
+    else:
+        card, model = _card_of_checkpoint(source, trained_at_commit, docs)
+    # Write the weights first: the evaluation loads exactly the file that ships.
+    card_path = _write_weights(model, card, out)
     try:
-        write_json_atomic(card_path, card)
         report, _ = evaluate(load_model(out, device), PreparedData(data).load(split), batch_size=16,
                              device=device, split=split)
     except BaseException:
@@ -88,6 +149,15 @@ def pack_weights(checkpoint: str | Path, data: str | Path, out: str | Path, *, d
     card["_packed_at_commit"] = _git_commit()
     write_json_atomic(card_path, card)
     return card
+
+
+def run_weights(run: Path) -> Path:
+    """The weights of a run directory: its checkpoint where it trained, else its record's weights."""
+    for name in ("best.pt", RECORD_WEIGHTS):
+        if (run / name).is_file():
+            return run / name
+    raise ScsonetError(f"{run}: holds neither best.pt nor {RECORD_WEIGHTS} (a record trained before records "
+                       f"kept their weights: pack where it trained)")
 
 
 def best_run(run_dirs: Sequence[str | Path]) -> tuple[Path, float]:
@@ -109,8 +179,7 @@ def best_run(run_dirs: Sequence[str | Path]) -> tuple[Path, float]:
             raise ScsonetError(f"{log}: not a training log ({type(err).__name__}: {err})") from None
         if not rows or len(scores) != len(rows):
             raise ScsonetError(f"{log}: the run did not select its checkpoint on val (honest protocol)")
-        if not (run / "best.pt").is_file():
-            raise ScsonetError(f"{run / 'best.pt'}: missing (checkpoints are not committed: pack where it trained)")
+        run_weights(run)  # fails early, before any packing, when a run has no weights
         if best is None or max(scores) > best[1]:
             best = (run, max(scores))
     if best is None:

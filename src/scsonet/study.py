@@ -7,7 +7,9 @@ A study spec (YAML) names the data, the recipe every run shares (protocol, sched
 runs folder, the three tables' rows and seeds, and the 300-epoch reference that prices the short
 schedule. Each (model, seed) is one run directory ``RUNS/<model>-<protocol>-s<seed>`` of
 ``scsonet train``; its record is what gets committed: ``config.yaml``, ``log.csv``,
-``test/report.json`` and ``test/per_image.csv`` (checkpoints are not). Every output is a pure
+``test/report.json``, ``test/per_image.csv`` and the selected weights, ``weights.safetensors``
+with its card ``weights.json`` (a few hundred kB; checkpoints are not committed), from which
+``scsonet weights pack --best-of`` and ``qualitative.png`` work in any later session. Every output is a pure
 function of those records, of the model code (parameter and MAC counts) and of ``latency.json``
 (CPU latency, written only when it is measured), so a ``--no-train`` rebuild reproduces the
 outputs byte for byte. A record trained with another recipe is refused, never averaged in.
@@ -39,7 +41,8 @@ import yaml
 from ._io import atomic_path, write_json_atomic, write_text_atomic
 from .benchmark import PUBLISHED, TableRow, ensure_run, plot_dsc_vs_macs
 from .errors import ScsonetError
-from .train import PROTOCOLS, TrainConfig, load_config
+from .publish import RECORD_WEIGHTS, keep_record_weights, run_weights
+from .train import PROTOCOLS, TrainConfig, load_config, read_segments
 
 __all__ = ["Study", "StudyTable", "StudyRow", "Record", "load_study", "read_records", "build_outputs",
            "paired_bootstrap", "verdict", "rebuild", "run_study", "measure_latency"]
@@ -726,9 +729,9 @@ def pick_images(ids: Sequence[str], dice: np.ndarray, per_kind: int) -> list[tup
 def plot_qualitative(study: Study, records: dict, path: Path) -> Path | None:
     """Figures 7-8 of the paper: chosen test images, ground truth and each Table-1 model's outline.
 
-    Uses each model's ``best.pt`` for the first seed of Table 1 and the prepared test split; returns
-    None (and leaves a committed figure alone) when the reference's records, a checkpoint or the data
-    are missing.
+    Uses each model's weights (``best.pt`` or the record's ``weights.safetensors``) for the first seed
+    of Table 1 and the prepared test split; returns None (and leaves a committed figure alone) when
+    the reference's records, the weights or the data are missing.
     """
     import torch
 
@@ -740,8 +743,7 @@ def plot_qualitative(study: Study, records: dict, path: Path) -> Path | None:
     table = study.tables[0]
     seed = table.seeds[0]
     ref_done = [records[study.reference, s] for s in table.seeds if records[study.reference, s].done]
-    models = [row for row in table.rows if (study.run_dir(row.model, seed) / "best.pt").is_file()
-              and records[row.model, seed].done]
+    models = [row for row in table.rows if records[row.model, seed].done and _has_weights(study.run_dir(row.model, seed))]
     if not ref_done or not models or not (study.data / "manifest.json").is_file():
         return None
     ids, dice = seed_averaged_dice(ref_done)
@@ -752,7 +754,7 @@ def plot_qualitative(study: Study, records: dict, path: Path) -> Path | None:
     images, masks = test.images[take], test.masks[take]
     preds = {}
     for row in models:
-        loaded = load_model(study.run_dir(row.model, seed) / "best.pt")
+        loaded = load_model(run_weights(study.run_dir(row.model, seed)))
         with torch.inference_mode():
             preds[row.model] = (predict_probs(loaded.model, loaded.preset(images)) >= 0.5).numpy()[:, 0]
     Figure, FigureCanvasAgg = _matplotlib()
@@ -799,6 +801,16 @@ def rebuild(study: Study, records: dict | None = None, link_prefix: str = "") ->
                          link_prefix)
 
 
+def _has_weights(run_dir: Path) -> bool:
+    return any((run_dir / name).is_file() for name in ("best.pt", RECORD_WEIGHTS))
+
+
+def _trained_at(run_dir: Path) -> str | None:
+    """The commit of the code that ran a record's last training segment, as its segments.jsonl says."""
+    commit = ((read_segments(run_dir) or [{}])[-1]).get("git_commit")
+    return commit if isinstance(commit, str) else None
+
+
 def run_study(study: Study, *, train: bool = True, only: Sequence[str] = (), max_runs: int | None = None,
               latency: bool | None = None, qualitative: bool | None = None,
               log: Callable[[str], None] = print) -> StudyResult:
@@ -833,6 +845,11 @@ def run_study(study: Study, *, train: bool = True, only: Sequence[str] = (), max
             ensure_run(cfg, lambda line, prefix=prefix: log(prefix + line))
             trained.append((model, seed))
         records = read_records(study)
+    for (model, seed), record in records.items():  # also in a rebuild, for runs trained by older code
+        run_dir = study.run_dir(model, seed)
+        if record.done and (run_dir / "best.pt").is_file() and not (run_dir / RECORD_WEIGHTS).is_file():
+            log(f"{run_dir.name}: keeping its selected weights in the record ({RECORD_WEIGHTS})")
+            keep_record_weights(run_dir, _trained_at(run_dir))
     study.out.mkdir(parents=True, exist_ok=True)
     if latency if latency is not None else train:
         s = study.latency

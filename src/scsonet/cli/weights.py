@@ -15,8 +15,8 @@ def register(subparsers) -> None:
     source = pack.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="training checkpoint (best.pt)")
     source.add_argument("--best-of", nargs="+", metavar="RUN_DIR",
-                        help="run directories (e.g. one model's seeds): pack best.pt of the one with the "
-                             "highest val DSC in its log.csv")
+                        help="run directories (e.g. one model's seeds): pack the one with the highest val DSC "
+                             "in its log.csv (its best.pt, or its record's weights.safetensors)")
     pack.add_argument("--data", required=True, help="prepared dataset whose test split the card reports")
     pack.add_argument("--out", required=True, help="output .safetensors path (the card is written beside it)")
     pack.add_argument("--dataset-name", default="ISIC2017", help="name used in the card's metric keys")
@@ -52,12 +52,12 @@ def register(subparsers) -> None:
 
 
 def run_pack(args) -> int:
-    from ..publish import best_run, pack_weights
+    from ..publish import best_run, pack_weights, run_weights
 
     checkpoint, docs = args.checkpoint, args.docs
     if args.best_of:
         run, dsc = best_run(args.best_of)
-        checkpoint = run / "best.pt"
+        checkpoint = run_weights(run)
         docs = (docs + " " if docs else "") + (f"Best by val DSC ({100 * dsc:.2f} %) of {len(args.best_of)} runs: "
                                                f"{', '.join(p.rstrip('/').rsplit('/', 1)[-1] for p in args.best_of)}; "
                                                f"packed {run.name}.")
