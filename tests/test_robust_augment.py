@@ -84,20 +84,27 @@ ROBUST_ALL = {"zoom_out": 0.25, "zoom_in": 0.4, "translate": 0.1, "skin_canvas":
               "noise": 0.2, "jpeg": 0.3}
 # SHA-256 of the augmented batches as the implementation of commit f064e8f made them (before its
 # speed-ups), on this platform with 2 threads (the training's; the antialiased resize of zoom_out and
-# blur rounds differently with 1): (probs, paper, batch, height, width, batches) -> digest. Squares
-# of 256 are the training's size; odd sizes take the kernels' tails and JPEG's padding.
+# blur rounds differently with 1): (probs, paper, batch, height, width, batches) -> digests. Two CPUs
+# that both report AVX512 round some kernels differently, so each case holds f064e8f's digest on
+# each machine it was recorded on (the second, an AMD EPYC, recorded by running f064e8f there).
+# Squares of 256 are the training's size; odd sizes take the kernels' tails and JPEG's padding.
 _RECORDED_PLATFORM = ("2.13.0", "AVX512")
 _RECORDED = {
     "all_on_256": ((ALL_ON, True, 4, 256, 256, 1),
-        "3ed10032b1dc27581df9be20194cce6cc7b50efa0bf0043118fca6d07a2c8438"),
+        {"3ed10032b1dc27581df9be20194cce6cc7b50efa0bf0043118fca6d07a2c8438",
+         "10c3c75bbdd2de09e8ad83cbb5fa9ccaf04a25a36033b3c1fcc0ae710c746fc7"}),
     "robust_all_256": ((ROBUST_ALL, True, 8, 256, 256, 3),
-        "67d59671cff80617ca7be1d4c664beee49418b5e29be95726c210a66d6db27f1"),
+        {"67d59671cff80617ca7be1d4c664beee49418b5e29be95726c210a66d6db27f1",
+         "f3ef65c858f766c44e3e7484895e5c6d1220c73bb89fd171b1826504efc3fc67"}),
     "all_on_64x80": ((ALL_ON, True, 5, 64, 80, 2),
-        "358fa34792e301ab3c43be740d166f1b7039d3b653f72572aded53b829a5894f"),
+        {"358fa34792e301ab3c43be740d166f1b7039d3b653f72572aded53b829a5894f",
+         "c0121df89dc60e71ae5d0d9ab90247d5de3cea09e1fbfc7b332140e4480d2ac4"}),
     "all_on_odd_no_paper": ((ALL_ON, False, 3, 40, 56, 2),
-        "5b4531c45a529173ed7b57e1523338ce612784b2d0c58b937787493ebee71888"),
+        {"5b4531c45a529173ed7b57e1523338ce612784b2d0c58b937787493ebee71888",
+         "7eb6ae2c4cbaac9b6e59eec870115af0132db9d85656dcd9cbf57cee8fb7453e"}),
     "robust_all_64": ((ROBUST_ALL, True, 8, 64, 64, 8),
-        "7399d306a6f0d96c0ff8c859fa0cb6dbd8eb9ac74c275256ec04aea9776cff36"),
+        {"7399d306a6f0d96c0ff8c859fa0cb6dbd8eb9ac74c275256ec04aea9776cff36",
+         "4f9db8a75472495136a4d425a6a275d40f370146f8152483e00b3ae17df45ef1"}),
 }
 
 
@@ -125,7 +132,7 @@ def test_batches_are_bit_identical_to_the_recorded_ones(case):
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        assert _digest(_recorded_batches(*args)) == expected
+        assert _digest(_recorded_batches(*args)) in expected
     finally:
         torch.set_num_threads(threads)
 
