@@ -5,6 +5,8 @@ import csv
 import dataclasses
 import importlib.util
 import json
+import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -316,6 +318,9 @@ def test_records_keep_their_weights_and_pack_without_checkpoints(trained_study, 
     for seed in (1, 2):
         run = study.run_dir("egeunet", seed)
         assert (run / "weights.safetensors").is_file() and (run / "weights.json").is_file()
+        umask = os.umask(0o022)
+        os.umask(umask)
+        assert stat.S_IMODE((run / "weights.safetensors").stat().st_mode) == 0o666 & ~umask  # not 0600
         copy = tmp_path / "checkout" / run.name
         shutil.copytree(run, copy, ignore=shutil.ignore_patterns("*.pt"))
         records.append(str(copy))

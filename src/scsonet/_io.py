@@ -111,6 +111,11 @@ def _fsync_tree(root: Path) -> None:
         fsync_dir(folder)
 
 
+def give_usual_mode(path: Path) -> None:
+    """The mode a plain ``open(path, 'w')`` would give, for files that writers create 0600."""
+    os.chmod(path, 0o666 & ~_UMASK)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary sibling path; on success it is synced and replaces ``path`` in one rename."""
@@ -120,7 +125,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=_prefix(path), suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
-    os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600; a result file gets the usual mode
+    give_usual_mode(tmp_path)  # mkstemp makes 0600
     try:
         yield tmp_path
         fsync_file(tmp_path)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ._checks import check_preprocessing, is_finite, is_int, show
-from ._io import atomic_path, write_json_atomic
+from ._io import atomic_path, give_usual_mode, write_json_atomic
 from .complexity import count_macs, count_params
 from .errors import ScsonetError
 from .evaluation import evaluate, format_report
@@ -102,6 +102,7 @@ def _write_weights(model, card: dict[str, Any], out: Path) -> Path:
 
     with atomic_path(out) as tmp:
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
+        give_usual_mode(tmp)  # safetensors writes its file 0600
     card_path = out.with_suffix(".json")
     write_json_atomic(card_path, card)
     return card_path
