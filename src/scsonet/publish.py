@@ -152,11 +152,15 @@ def pack_weights(source: str | Path, data: str | Path, out: str | Path, *, datas
     return card
 
 
-def run_weights(run: Path) -> Path:
+def find_run_weights(run: Path) -> Path | None:
     """The weights of a run directory: its checkpoint where it trained, else its record's weights."""
-    for name in ("best.pt", RECORD_WEIGHTS):
-        if (run / name).is_file():
-            return run / name
+    return next((run / name for name in ("best.pt", RECORD_WEIGHTS) if (run / name).is_file()), None)
+
+
+def run_weights(run: Path) -> Path:
+    """``find_run_weights``, or one error line when the run has none."""
+    if (found := find_run_weights(run)) is not None:
+        return found
     raise ScsonetError(f"{run}: holds neither best.pt nor {RECORD_WEIGHTS} (a record trained before records "
                        f"kept their weights: pack where it trained)")
 

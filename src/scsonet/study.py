@@ -41,7 +41,7 @@ import yaml
 from ._io import atomic_path, write_json_atomic, write_text_atomic
 from .benchmark import PUBLISHED, TableRow, ensure_run, plot_dsc_vs_macs
 from .errors import ScsonetError
-from .publish import RECORD_WEIGHTS, keep_record_weights, run_weights
+from .publish import RECORD_WEIGHTS, find_run_weights, keep_record_weights
 from .train import PROTOCOLS, TrainConfig, load_config, read_segments
 
 __all__ = ["Study", "StudyTable", "StudyRow", "Record", "load_study", "read_records", "build_outputs",
@@ -743,7 +743,9 @@ def plot_qualitative(study: Study, records: dict, path: Path) -> Path | None:
     table = study.tables[0]
     seed = table.seeds[0]
     ref_done = [records[study.reference, s] for s in table.seeds if records[study.reference, s].done]
-    models = [row for row in table.rows if records[row.model, seed].done and _has_weights(study.run_dir(row.model, seed))]
+    weights = {row.model: found for row in table.rows
+               if records[row.model, seed].done and (found := find_run_weights(study.run_dir(row.model, seed)))}
+    models = [row for row in table.rows if row.model in weights]
     if not ref_done or not models or not (study.data / "manifest.json").is_file():
         return None
     ids, dice = seed_averaged_dice(ref_done)
@@ -754,7 +756,7 @@ def plot_qualitative(study: Study, records: dict, path: Path) -> Path | None:
     images, masks = test.images[take], test.masks[take]
     preds = {}
     for row in models:
-        loaded = load_model(run_weights(study.run_dir(row.model, seed)))
+        loaded = load_model(weights[row.model])
         with torch.inference_mode():
             preds[row.model] = (predict_probs(loaded.model, loaded.preset(images)) >= 0.5).numpy()[:, 0]
     Figure, FigureCanvasAgg = _matplotlib()
@@ -799,10 +801,6 @@ def rebuild(study: Study, records: dict | None = None, link_prefix: str = "") ->
     """The text outputs from the committed records and latency.json, written nowhere."""
     return build_outputs(study, read_records(study) if records is None else records, read_latency(study),
                          link_prefix)
-
-
-def _has_weights(run_dir: Path) -> bool:
-    return any((run_dir / name).is_file() for name in ("best.pt", RECORD_WEIGHTS))
 
 
 def _trained_at(run_dir: Path) -> str | None:
