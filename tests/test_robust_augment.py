@@ -16,10 +16,11 @@ from PIL import Image
 from scsonet.data import PaperAugment, RobustAugment, SplitArrays, TrainLoader
 from scsonet.data import robust_augment as ra
 from scsonet.data.loader import _generator
-from scsonet.data.robust_augment import TRANSFORMS, check_robust_config, jpeg_like
+from scsonet.data.robust_augment import BASE_TRANSFORMS, LATER_TRANSFORMS, TRANSFORMS, check_robust_config, jpeg_like
 from scsonet.errors import ScsonetError
 
 ALL_ON = {name: 1.0 for name in TRANSFORMS}
+BASE_ON = {name: 1.0 for name in BASE_TRANSFORMS}  # what "all on" meant before LATER_TRANSFORMS
 
 
 def _batch(b: int = 4, h: int = 48, w: int = 40, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,13 +66,18 @@ def test_probability_zero_is_identity():
 def test_draws_are_fixed_whatever_fires_and_reproducible():
     images, masks = _batch()
     states = []
-    for probs in ({}, ALL_ON, {"zoom_out": 1.0, "jpeg": 0.3}):
-        for paper in (None, PaperAugment()):
-            _, g = _run(probs, images, masks, seed=3, paper=paper)
-            states.append((paper is None, g.get_state()))
-    for with_paper in (True, False):
-        same = [s for p, s in states if p == with_paper]
-        assert all(torch.equal(same[0], s) for s in same[1:])
+    # configs without the later transforms draw as they did before those existed; with any of
+    # them, one more block whatever fires
+    for later, configs in ((False, ({}, BASE_ON, {"zoom_out": 1.0, "jpeg": 0.3})),
+                           (True, (ALL_ON, {"ink": 0.5}, {"hard_seam": 1.0, "blur": 0.2}))):
+        for probs in configs:
+            for paper in (None, PaperAugment()):
+                _, g = _run(probs, images, masks, seed=3, paper=paper)
+                states.append(((later, paper is None), g.get_state()))
+    for key in {k for k, _ in states}:
+        same = [s for k, s in states if k == key]
+        assert len(same) == 3 and all(torch.equal(same[0], s) for s in same[1:])
+    assert not torch.equal(states[0][1], states[6][1])
     (x1, y1), _ = _run(ALL_ON, images, masks, seed=5, paper=PaperAugment())
     (x2, y2), _ = _run(ALL_ON, images, masks, seed=5, paper=PaperAugment())
     (x3, _), _ = _run(ALL_ON, images, masks, seed=6, paper=PaperAugment())
@@ -90,16 +96,16 @@ ROBUST_ALL = {"zoom_out": 0.25, "zoom_in": 0.4, "translate": 0.1, "skin_canvas":
 # Squares of 256 are the training's size; odd sizes take the kernels' tails and JPEG's padding.
 _RECORDED_PLATFORM = ("2.13.0", "AVX512")
 _RECORDED = {
-    "all_on_256": ((ALL_ON, True, 4, 256, 256, 1),
+    "all_on_256": ((BASE_ON, True, 4, 256, 256, 1),
         {"3ed10032b1dc27581df9be20194cce6cc7b50efa0bf0043118fca6d07a2c8438",
          "10c3c75bbdd2de09e8ad83cbb5fa9ccaf04a25a36033b3c1fcc0ae710c746fc7"}),
     "robust_all_256": ((ROBUST_ALL, True, 8, 256, 256, 3),
         {"67d59671cff80617ca7be1d4c664beee49418b5e29be95726c210a66d6db27f1",
          "f3ef65c858f766c44e3e7484895e5c6d1220c73bb89fd171b1826504efc3fc67"}),
-    "all_on_64x80": ((ALL_ON, True, 5, 64, 80, 2),
+    "all_on_64x80": ((BASE_ON, True, 5, 64, 80, 2),
         {"358fa34792e301ab3c43be740d166f1b7039d3b653f72572aded53b829a5894f",
          "c0121df89dc60e71ae5d0d9ab90247d5de3cea09e1fbfc7b332140e4480d2ac4"}),
-    "all_on_odd_no_paper": ((ALL_ON, False, 3, 40, 56, 2),
+    "all_on_odd_no_paper": ((BASE_ON, False, 3, 40, 56, 2),
         {"5b4531c45a529173ed7b57e1523338ce612784b2d0c58b937787493ebee71888",
          "7eb6ae2c4cbaac9b6e59eec870115af0132db9d85656dcd9cbf57cee8fb7453e"}),
     "robust_all_64": ((ROBUST_ALL, True, 8, 64, 64, 8),
@@ -196,6 +202,54 @@ def test_no_clean_donor_falls_back_to_a_flat_canvas():
             assert x[k][:, far].std(1).max() < 1e-3
 
 
+def test_ink_tints_the_skin_and_keeps_the_mask():
+    images, masks = _batch(32, 64, 64, seed=4)
+    (x, y), _ = _run({"ink": 1.0}, images, masks, seed=1)
+    assert torch.equal(y, masks)  # a dye: the lesion under it is still lesion
+    ratio = x / images
+    assert (ratio <= 1.0 + 1e-5).all()  # ink only absorbs
+    inked = ratio.amin(1) < 0.85
+    assert inked.flatten(1).any(1).all()  # every sample got its mark
+    assert inked.float().mean() < 0.2  # marks, not a wash over the frame
+    # marker inks absorb more red than blue: violet to blue, never brown like a lesion
+    r, b = ratio[:, 0][inked], ratio[:, 2][inked]
+    assert (r < b).float().mean() > 0.7
+
+
+def test_ink_ring_circles_the_lesion():
+    b, h, w = 64, 96, 96
+    ys, xs = torch.meshgrid(torch.arange(h) + 0.5, torch.arange(w) + 0.5, indexing="ij")
+    masks = (torch.hypot(ys - 40, xs - 56) < 10).float().expand(b, 1, h, w)
+    images = torch.full((b, 3, h, w), 200.0) * (1 - 0.5 * masks)
+    (x, _), _ = _run({"ink": 1.0}, images, masks, seed=2)
+    inked = (x / images).amin(1) < 0.85
+    dist = torch.hypot(ys - 40, xs - 56)
+    rings = 0
+    for k in range(b):
+        d = dist[inked[k]]
+        # a ring: every inked pixel at about the same distance from the lesion's centre, beyond it
+        if d.numel() > 60 and d.std() < 2.5:
+            rings += 1
+            assert 12 < d.mean() < 0.6 * h + 3
+    assert rings > b // 8
+
+
+def test_hard_seam_pastes_the_photo_with_a_step():
+    b, h, w = 16, 128, 128  # seams are up to an eighth of the photo's side: a few pixels here
+    images, masks = torch.full((b, 3, h, w), 200.0), torch.zeros(b, 1, h, w)
+
+    def widest_ramp(probs):
+        (x, _), _ = _run(probs, images, masks, seed=3)
+        # pixels between the canvas and the photo's own value: the seam's ramp
+        ramp = ((x[:, 0] - 200).abs() > 2) & ((x[:, 0] - x[:, 0, :1, :1]).abs() > 2)
+        return ramp.flatten(1).sum(1).float()
+
+    soft = widest_ramp({"zoom_out": 1.0})
+    hard = widest_ramp({"zoom_out": 1.0, "hard_seam": 1.0})
+    assert soft.mean() > 3 * hard.mean()
+    assert hard.max() <= 4 * 0.95 * h  # at most a one-pixel ring around the photo (sides <= 0.95 h)
+
+
 def test_frame_darkens_the_outside_and_drops_the_mask_there():
     images, masks = torch.full((8, 3, 64, 128), 200.0), torch.ones(8, 1, 64, 128)
     (x, y), _ = _run({"frame": 1.0}, images, masks)
@@ -247,7 +301,7 @@ def test_load_config_checks_the_new_keys(tmp_path):
     from scsonet.train import load_config
 
     cfg = load_config("configs/isic2017_scsonet_robust.yaml")
-    assert set(cfg.robust_augment) == set(TRANSFORMS) and cfg.init_from == ""
+    assert set(BASE_TRANSFORMS) <= set(cfg.robust_augment) <= set(TRANSFORMS) and cfg.init_from == ""
     paper = load_config("configs/isic2017_scsonet.yaml")
     assert paper.robust_augment == {} and paper.init_from == ""
     with pytest.raises(ScsonetError, match=r"config robust_augment\.zoomout=0\.3: unknown transform"):

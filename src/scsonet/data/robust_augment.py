@@ -12,7 +12,11 @@ cases too, in both directions of scale (zooming out and in, so large lesions sta
   lesion-free half-size window of another photo of the batch, enlarged), ``texture_canvas``
   (procedural cloth, glove or paper), otherwise a flat colour near the photo's border colour;
   ``fingers`` (shaded skin-toned capsules entering from an edge) and ``ruler`` (a graduated
-  strip) over the result;
+  strip) over the result; ``hard_seam`` shows a moved photo as pasted (a hard edge, the borrowed
+  skin's own tone) where otherwise its seam is soft and the skin's tone pulled towards its own;
+- ``ink``: a surgical marker's dots, strokes or a ring around the lesion, drawn on the skin (a
+  translucent dye: the lesion under it stays lesion in the mask), as in clinical photos before
+  an excision and in many ISIC images: dark, saturated blobs that are not the lesion;
 - a dermoscope's ``frame`` (near-black outside a circle);
 - photometric: ``color`` (brightness, contrast, saturation, colour temperature),
   ``illumination`` (a smooth gradient and a vignette), ``blur``, ``noise`` and ``jpeg``
@@ -32,12 +36,16 @@ import torch.nn.functional as F
 from ..errors import ScsonetError
 from .augment import PaperAugment
 
-TRANSFORMS = ("zoom_out", "zoom_in", "translate", "skin_canvas", "texture_canvas", "fingers", "ruler",
-              "frame", "color", "illumination", "blur", "noise", "jpeg")
+BASE_TRANSFORMS = ("zoom_out", "zoom_in", "translate", "skin_canvas", "texture_canvas", "fingers", "ruler",
+                   "frame", "color", "illumination", "blur", "noise", "jpeg")
+# Added later, with draws of their own taken only by configs that use them, so that the batches
+# of a config without them (the ablation's, v2's) stay bit-identical to those it was trained on.
+LATER_TRANSFORMS = ("hard_seam", "ink")
+TRANSFORMS = BASE_TRANSFORMS + LATER_TRANSFORMS
 
 # Columns of the per-sample block of uniform draws: (name, count). Every sample draws all of
 # them whichever transforms fire, so the random stream depends on the batch size only.
-_LAYOUT = (("fire", len(TRANSFORMS)), ("geometry", 4), ("feather", 1), ("canvas", 9), ("texture", 14),
+_LAYOUT = (("fire", len(BASE_TRANSFORMS)), ("geometry", 4), ("feather", 1), ("canvas", 9), ("texture", 14),
            ("fingers", 11), ("ruler", 7), ("frame", 5), ("color", 4), ("illumination", 5), ("blur", 1),
            ("noise", 3), ("jpeg", 1))
 _OFFSETS, _n = {}, 0
@@ -45,10 +53,18 @@ for _name, _count in _LAYOUT:
     _OFFSETS[_name] = slice(_n, _n + _count)
     _n += _count
 _NUM_DRAWS = _n
+_LATER_LAYOUT = (("fire", len(LATER_TRANSFORMS)), ("seam", 1), ("ink", 12))
+_LATER_OFFSETS, _n = {}, 0
+for _name, _count in _LATER_LAYOUT:
+    _LATER_OFFSETS[_name] = slice(_n, _n + _count)
+    _n += _count
+_NUM_LATER_DRAWS = _n
 _LATTICES = (4, 8, 16, 32)  # value-noise lattice sides of the procedural textures (grain: the noise bank)
 _NUM_LATTICE = sum(s * s for s in _LATTICES)
 
 _NOISE_MARGIN = 128  # the noise bank is this much larger than the image: random crops of it
+# Surgical marker inks as transmittances (RGB 0..1): gentian violet, purple, blue, near-black.
+_INK = ((0.42, 0.22, 0.62), (0.55, 0.30, 0.58), (0.30, 0.36, 0.70), (0.26, 0.24, 0.32))
 # Skin tones (light to dark) for fingers; glove colours: blue and purple nitrile, white and beige latex, black.
 _SKIN = ((242, 206, 186), (228, 182, 152), (205, 154, 118), (170, 118, 84), (124, 84, 58), (86, 58, 42))
 _GLOVE = ((86, 128, 206), (128, 98, 186), (236, 234, 226), (228, 208, 168), (44, 44, 50))
@@ -211,6 +227,8 @@ class RobustAugment:
         All randomness comes from the CPU ``generator``: the paper's 4 draws per sample, then a fixed
         block of uniform draws and texture lattices per sample, whichever transforms fire, so the
         stream, and a resumed run's batches, depend on the batch size only and not on the device.
+        ``LATER_TRANSFORMS`` draw a second block after those, only where the config gives one of
+        them a probability, so configs without them keep the stream they had before.
         Sensor noise is cut from a fixed Gaussian noise bank (seeded once) at drawn offsets.
         The zoom priorities are exclusive: ``zoom_in`` applies to samples not zoomed out and
         ``translate`` to samples neither zoomed out nor in; ``texture_canvas`` to samples whose
@@ -220,7 +238,8 @@ class RobustAugment:
     def __init__(self, probs: Mapping[str, float], paper: PaperAugment | None = None):
         self.probs = check_robust_config(probs)
         self.paper = paper
-        self._p = torch.tensor([self.probs.get(name, 0.0) for name in TRANSFORMS], dtype=torch.float64)
+        self._p = torch.tensor([self.probs.get(name, 0.0) for name in BASE_TRANSFORMS], dtype=torch.float64)
+        self._p_later = torch.tensor([self.probs.get(name, 0.0) for name in LATER_TRANSFORMS], dtype=torch.float64)
         self._bank: torch.Tensor | None = None
 
     # -- helpers -----------------------------------------------------------------------------
@@ -277,13 +296,22 @@ class RobustAugment:
         x = x.clone() if x is images else x  # written in place below
         draws = torch.rand(b, _NUM_DRAWS, generator=generator, dtype=torch.float64)
         lattice = torch.rand(b, _NUM_LATTICE, generator=generator, dtype=torch.float32)
-        fire = dict(zip(TRANSFORMS, (draws[:, _OFFSETS["fire"]] < self._p).unbind(1)))
+        fire = dict(zip(BASE_TRANSFORMS, (draws[:, _OFFSETS["fire"]] < self._p).unbind(1)))
         # The transforms' parameters in the images' precision (on the CPU: their .to() are no-ops).
         draws = draws.to(images.dtype)
         col = {name: draws[:, s] for name, s in _OFFSETS.items()}
+        if self._p_later.any():  # a block of its own, drawn last: see LATER_TRANSFORMS
+            later = torch.rand(b, _NUM_LATER_DRAWS, generator=generator, dtype=torch.float64)
+            fire.update(zip(LATER_TRANSFORMS, (later[:, _LATER_OFFSETS["fire"]] < self._p_later).unbind(1)))
+            later = later.to(images.dtype)
+            col.update((name, later[:, s]) for name, s in _LATER_OFFSETS.items() if name != "fire")
+        else:
+            fire.update((name, torch.zeros(b, dtype=torch.bool)) for name in LATER_TRANSFORMS)
 
         x, masks, scale, moved = self._geometry(x, masks, col, fire)
         x, masks = self._surroundings(x, masks, scale, moved, source, source_masks, lattice, col, fire)
+        if fire["ink"].any():
+            x, masks = self._apply(fire["ink"], lambda i, a, m: self._ink(a, m, col["ink"][i]), x, masks)
         if fire["fingers"].any():
             x, masks = self._apply(fire["fingers"], lambda i, a, m: self._fingers(a, m, col["fingers"][i]), x, masks)
         if fire["ruler"].any():
@@ -357,6 +385,7 @@ class RobustAugment:
             # A soft seam 2..24 px wide, at most an eighth of the photo's side as shown.
             zoom = scale[idx]
             feather = torch.minimum(_lerp(2.0, 24.0, col["feather"][idx, 0]), 0.125 * zoom * min(img.shape[-2:]))
+            feather = torch.where(fire["hard_seam"][idx], 1.0, feather)  # pasted: over one pixel
             alpha = (d * _v(zoom.to(img))).div_(_v(feather.clamp_min(1.0).to(img))).clamp_(0, 1)
             # In place (the canvas's mask is 0): torch.lerp(cv, img, alpha) and where(alpha >= 0.5, m, 0).
             return torch.lerp(cv, img, alpha, out=img), m.mul_(alpha >= 0.5)
@@ -386,9 +415,12 @@ class RobustAugment:
             dims = [dim for dim, u in ((-1, cols[k, 4]), (-2, cols[k, 5])) if u < 0.5]
             win = source[j:j + 1, :, y0:y0 + kh, x0:x0 + kw]
             sk = F.interpolate(win.flip(dims) if dims else win, size=(h, w), mode="bilinear", align_corners=False)[0]
-            # Pull the borrowed skin's tone most of the way towards this photo's own skin.
+            # Pull the borrowed skin's tone most of the way towards this photo's own skin (pasted:
+            # at most half-way, often hardly at all, as when two photos' skin meet).
             ratio = (target[k] / win[0, :, ::4, ::4].mean((1, 2)).clamp_min(1.0)).clamp(0.5, 2.0)
-            torch.mul(sk, 1 + _lerp(0.5, 1.0, cols[k, 6].item()) * (ratio[:, None, None] - 1), out=canvas[k])
+            i = int(idx[k])
+            pull = _lerp(0.0, 0.5, col["seam"][i, 0].item()) if fire["hard_seam"][i] else _lerp(0.5, 1.0, cols[k, 6].item())
+            torch.mul(sk, 1 + pull * (ratio[:, None, None] - 1), out=canvas[k])
         if texture.any():
             t = texture.nonzero().squeeze(1)
             canvas[t.to(dev)] = self._texture(col["texture"][idx[t]], lattice[idx[t]].to(dev), h, w, source)
@@ -520,6 +552,38 @@ class RobustAugment:
         tone = (torch.tensor(_SKIN, dtype=x.dtype, device=x.device)[pick] * _lerp(0.85, 1.03, c[:, 9:10])
                 * torch.stack([1 + warm, torch.ones_like(warm), 1 - warm], 1))
         return x.mul_(shadow).lerp_(tone[:, :, None, None] * shade, alpha), masks.mul_(alpha < 0.5)
+
+    def _ink(self, x, masks, c):
+        """Marker ink: one or two ragged dots or strokes anywhere, or a ring around the lesion (its
+        centroid, about twice its equivalent radius). A translucent dye: the mask is unchanged."""
+        n, _, h, w = x.shape
+        c = c.to(x)
+        side = min(h, w)
+        xs, ys = _pixels(h, w, x)
+        area = masks.sum((1, 2, 3))
+        cx = torch.where(area > 0, (masks * xs).sum((1, 2, 3)) / area.clamp_min(1.0), w / 2)
+        cy = torch.where(area > 0, (masks * ys).sum((1, 2, 3)) / area.clamp_min(1.0), h / 2)
+        ring_r = (torch.sqrt(area / math.pi) * _lerp(1.4, 2.4, c[:, 3]) + 0.04 * side).clamp(max=0.6 * side)
+        ring_w = _lerp(0.006, 0.02, c[:, 9]) * side + 0.5
+        ring = (torch.hypot(xs - _v(cx), ys - _v(cy)) - _v(ring_r)).abs() - _v(ring_w)
+        stroke = c[:, 0] >= 0.75
+        length = torch.where(stroke, _lerp(0.1, 0.4, c[:, 7]) * side, 0.0)
+        width = torch.where(stroke, _lerp(0.006, 0.02, c[:, 3]), _lerp(0.015, 0.06, c[:, 3])) * side + 0.5
+        ang = c[:, 6] * 2 * math.pi
+        dx, dy = torch.cos(ang) * length, torch.sin(ang) * length
+        marks = []
+        for px, py in ((c[:, 4] * w, c[:, 5] * h), (c[:, 10] * w, c[:, 11] * h)):
+            # dots are not discs: their radius wobbles with the angle about their centre
+            theta = torch.atan2(ys - _v(py), xs - _v(px)) + _v(c[:, 7] * 2 * math.pi)
+            wobble = 1 + 0.12 * torch.sin(2 * theta) + 0.06 * torch.sin(5 * theta + 1.0)
+            r = _v(width) * torch.where(_v(stroke), 1.0, wobble)
+            marks.append(_segment_distance(xs, ys, px, py, px + dx, py + dy) - r)
+        marks = torch.where(_v(c[:, 8] < 0.5), torch.minimum(*marks), marks[0])
+        sdf = torch.where(_v((c[:, 0] >= 0.45) & ~stroke), ring, marks)
+        alpha = (0.5 - sdf).clamp(0, 1) * _v(_lerp(0.55, 0.9, c[:, 2]))
+        pick = (c[:, 1] * len(_INK)).long().clamp(max=len(_INK) - 1)
+        absorbed = 1 - torch.tensor(_INK, dtype=x.dtype, device=x.device)[pick]
+        return x.mul_(1 - alpha * absorbed[:, :, None, None]), masks
 
     def _ruler(self, x, masks, c):
         """A graduated strip (mm ticks, longer every 5 and 10) along an edge, slightly sheared; mask 0 there.
