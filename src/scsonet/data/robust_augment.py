@@ -48,17 +48,19 @@ TRANSFORMS = BASE_TRANSFORMS + LATER_TRANSFORMS
 _LAYOUT = (("fire", len(BASE_TRANSFORMS)), ("geometry", 4), ("feather", 1), ("canvas", 9), ("texture", 14),
            ("fingers", 11), ("ruler", 7), ("frame", 5), ("color", 4), ("illumination", 5), ("blur", 1),
            ("noise", 3), ("jpeg", 1))
-_OFFSETS, _n = {}, 0
-for _name, _count in _LAYOUT:
-    _OFFSETS[_name] = slice(_n, _n + _count)
-    _n += _count
-_NUM_DRAWS = _n
-_LATER_LAYOUT = (("fire", len(LATER_TRANSFORMS)), ("seam", 1), ("ink", 12))
-_LATER_OFFSETS, _n = {}, 0
-for _name, _count in _LATER_LAYOUT:
-    _LATER_OFFSETS[_name] = slice(_n, _n + _count)
-    _n += _count
-_NUM_LATER_DRAWS = _n
+
+
+def _columns(layout: tuple[tuple[str, int], ...]) -> tuple[dict[str, slice], int]:
+    """Each name's slice of a block of draws laid out as ``layout``, and the block's width."""
+    offsets, n = {}, 0
+    for name, count in layout:
+        offsets[name] = slice(n, n + count)
+        n += count
+    return offsets, n
+
+
+_OFFSETS, _NUM_DRAWS = _columns(_LAYOUT)
+_LATER_OFFSETS, _NUM_LATER_DRAWS = _columns((("fire", len(LATER_TRANSFORMS)), ("seam", 1), ("ink", 12)))
 _LATTICES = (4, 8, 16, 32)  # value-noise lattice sides of the procedural textures (grain: the noise bank)
 _NUM_LATTICE = sum(s * s for s in _LATTICES)
 
