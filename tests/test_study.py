@@ -250,6 +250,25 @@ def test_training_fills_table1_first_and_honours_only_and_max_runs(toy, monkeypa
         run_study(toy, only=["nope"])
 
 
+def test_each_run_keeps_its_weights_before_the_next_starts(toy, monkeypatch):
+    """A study stopped during a run (the session ends) has already kept the weights of those before it."""
+    kept, started = [], []
+
+    def fake_ensure_run(cfg, log):
+        started.append(cfg.model)
+        if len(started) == 2:
+            raise KeyboardInterrupt
+        write_run(toy.runs, cfg.model, cfg.seed, np.full(N_IMAGES, 0.8))
+        (toy.run_dir(cfg.model, cfg.seed) / "best.pt").write_bytes(b"checkpoint")
+
+    monkeypatch.setattr(study_mod, "ensure_run", fake_ensure_run)
+    monkeypatch.setattr(study_mod, "keep_record_weights", lambda run_dir, commit: kept.append(Path(run_dir).name))
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    with pytest.raises(KeyboardInterrupt):
+        run_study(toy, only=["malunet", "scf_scconv"], latency=False, log=lambda line: None)
+    assert started == ["malunet", "scf_scconv"] and kept == [toy.run_dir("malunet", 2).name]
+
+
 @pytest.fixture(scope="module")
 def trained_study(prepared, tmp_path_factory):
     """A real (tiny) study: scsonet and egeunet, 1 epoch, two seeds, on 20 synthetic 32x32 images."""

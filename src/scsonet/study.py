@@ -809,6 +809,13 @@ def _trained_at(run_dir: Path) -> str | None:
     return commit if isinstance(commit, str) else None
 
 
+def _keep_selected_weights(run_dir: Path, log: Callable[[str], None]) -> None:
+    """Give a finished run's record its selected weights, where its ``best.pt`` is here and they are not."""
+    if (run_dir / "best.pt").is_file() and not (run_dir / RECORD_WEIGHTS).is_file():
+        log(f"{run_dir.name}: keeping its selected weights in the record ({RECORD_WEIGHTS})")
+        keep_record_weights(run_dir, _trained_at(run_dir))
+
+
 def run_study(study: Study, *, train: bool = True, only: Sequence[str] = (), max_runs: int | None = None,
               latency: bool | None = None, qualitative: bool | None = None,
               log: Callable[[str], None] = print) -> StudyResult:
@@ -841,13 +848,12 @@ def run_study(study: Study, *, train: bool = True, only: Sequence[str] = (), max
             cfg = study.train_config(model, seed)
             prefix = f"[{i}/{len(todo)}] {cfg.run_name}: "
             ensure_run(cfg, lambda line, prefix=prefix: log(prefix + line))
+            _keep_selected_weights(study.run_dir(model, seed), log)  # at once: a later run may be cut short
             trained.append((model, seed))
         records = read_records(study)
     for (model, seed), record in records.items():  # also in a rebuild, for runs trained by older code
-        run_dir = study.run_dir(model, seed)
-        if record.done and (run_dir / "best.pt").is_file() and not (run_dir / RECORD_WEIGHTS).is_file():
-            log(f"{run_dir.name}: keeping its selected weights in the record ({RECORD_WEIGHTS})")
-            keep_record_weights(run_dir, _trained_at(run_dir))
+        if record.done:
+            _keep_selected_weights(study.run_dir(model, seed), log)
     study.out.mkdir(parents=True, exist_ok=True)
     if latency if latency is not None else train:
         s = study.latency
