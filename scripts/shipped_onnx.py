@@ -1,9 +1,10 @@
-"""Build the ONNX model the base (torch-free) install segments with, and check that it is fresh.
+"""Build the ONNX models the base (torch-free) install segments with, and check that they are fresh.
 
-    .venv/bin/python scripts/shipped_onnx.py            # export when missing or stale, else do nothing
-    .venv/bin/python scripts/shipped_onnx.py --check    # exit 1 when missing or stale (tests/test_light_install.py)
+    .venv/bin/python scripts/shipped_onnx.py            # export what is missing or stale, else do nothing
+    .venv/bin/python scripts/shipped_onnx.py --check    # exit 1 when any is missing or stale (tests/test_light_install.py)
 
-The model, src/scsonet/weights/scsonet_isic2017_v1.onnx, is `scsonet export --weights scsonet-isic2017`
+One model per shipped version in ``scsonet.inference.SHIPPED_VERSIONS``, e.g.
+src/scsonet/weights/scsonet_isic2017_v1.onnx is `scsonet export --weights scsonet-isic2017-v1`
 (the reparameterised graph: the fastest on CPUs; the reliability model rides in its metadata).
 Its sidecar, scsonet_isic2017_v1.onnx.json, records the SHA-256 of the shipped weights, of the card
 fields the export reads (as scripts/web_model.py does), of the reliability JSON, and of the ONNX
@@ -16,11 +17,18 @@ import importlib.util
 import sys
 from pathlib import Path
 
+from scsonet.inference import SHIPPED_VERSIONS
+
 ROOT = Path(__file__).resolve().parents[1]
-WEIGHTS = "scsonet-isic2017"
-MODEL = ROOT / "src" / "scsonet" / "weights" / "scsonet_isic2017_v1.onnx"
-SIDECAR = MODEL.with_name(MODEL.name + ".json")
+
+WEIGHTS_DIR = ROOT / "src" / "scsonet" / "weights"
+MODELS = {name: WEIGHTS_DIR / filename for name, filename in SHIPPED_VERSIONS.items()}
+MODEL = MODELS["scsonet-isic2017-v1"]
 EXPORT_ARGS: list[str] = []  # the default export: reparameterised, checked against PyTorch
+
+
+def sidecar_of(model: Path) -> Path:
+    return model.with_name(model.name + ".json")
 
 
 def _web_model():
@@ -31,37 +39,45 @@ def _web_model():
     return module
 
 
-def sources() -> dict[str, str]:
-    return _web_model().sources(WEIGHTS)  # weights, exported card fields and reliability JSON
+def sources(name: str = "scsonet-isic2017-v1") -> dict[str, str]:
+    return _web_model().sources(name)  # weights, exported card fields and reliability JSON
 
 
-def problems(model: Path = MODEL, sidecar: Path = SIDECAR, expected: dict[str, str] | None = None) -> list[str]:
-    """Why the shipped ONNX model does not match the shipped weights (empty: it is fresh)."""
-    return _web_model().sidecar_problems(model, sidecar, EXPORT_ARGS, sources() if expected is None else expected)
+def problems(model: Path | None = None, expected: dict[str, str] | None = None) -> list[str]:
+    """Why a shipped ONNX model (``model``, or each of them) does not match its shipped weights
+    (empty: fresh). ``model`` is checked against v1's weights unless it is one of MODELS."""
+    web = _web_model()
+    if model is not None:
+        name = next((n for n, m in MODELS.items() if m == model), "scsonet-isic2017-v1")
+        return web.sidecar_problems(model, sidecar_of(model), EXPORT_ARGS, expected, name)
+    return [line for name, path in MODELS.items()
+            for line in web.sidecar_problems(path, sidecar_of(path), EXPORT_ARGS, expected, name)]
 
 
-def build() -> None:
-    command = f"python scripts/shipped_onnx.py (scsonet export --weights {WEIGHTS} --format onnx {' '.join(EXPORT_ARGS)})"
-    _web_model().export_with_sidecar(MODEL, SIDECAR, EXPORT_ARGS, command.replace(" )", ")"))
+def build(name: str) -> None:
+    command = f"python scripts/shipped_onnx.py (scsonet export --weights {name} --format onnx {' '.join(EXPORT_ARGS)})"
+    _web_model().export_with_sidecar(MODELS[name], sidecar_of(MODELS[name]), EXPORT_ARGS,
+                                     command.replace(" )", ")"), name)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="only check; exit 1 when missing or stale")
+    parser.add_argument("--check", action="store_true", help="only check; exit 1 when any is missing or stale")
     parser.add_argument("--force", action="store_true", help="export even when fresh")
     args = parser.parse_args(argv)
-    found = problems()
     if args.check:
+        found = problems()
         for line in found:
             print(f"shipped_onnx: stale: {line}; run `.venv/bin/python scripts/shipped_onnx.py`", file=sys.stderr)
         return 1 if found else 0
-    if found or args.force:
-        build()
-        left = problems()
-        if left:
-            print(f"shipped_onnx: error: {left[0]}", file=sys.stderr)
-            return 2
-    print(f"shipped_onnx: {MODEL.relative_to(ROOT)} is fresh")
+    for name, model in MODELS.items():
+        if problems(model) or args.force:
+            build(name)
+            left = problems(model)
+            if left:
+                print(f"shipped_onnx: error: {left[0]}", file=sys.stderr)
+                return 2
+        print(f"shipped_onnx: {model.relative_to(ROOT)} is fresh")
     return 0
 
 

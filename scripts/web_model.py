@@ -47,16 +47,16 @@ def sources(weights: str = WEIGHTS) -> dict[str, str]:
 
 
 def sidecar_problems(model: Path, sidecar: Path, export_args: list[str],
-                     expected: dict[str, str] | None = None) -> list[str]:
-    """Why ``model`` does not match what its ``sidecar`` and the shipped weights say (empty: fresh).
-    Shared with scripts/shipped_onnx.py."""
+                     expected: dict[str, str] | None = None, weights: str = WEIGHTS) -> list[str]:
+    """Why ``model`` does not match what its ``sidecar`` and the shipped ``weights`` say (empty:
+    fresh). Shared with scripts/shipped_onnx.py."""
     if not model.is_file() or not sidecar.is_file():
         return [f"{model} or {sidecar.name} is missing"]
     try:
         recorded = json.loads(sidecar.read_text())
     except ValueError as err:
         return [f"{sidecar}: not JSON ({err})"]
-    expected = sources() if expected is None else expected
+    expected = sources(weights) if expected is None else expected
     found = [f"{sidecar}: {key} is {recorded.get(key)!r}, the shipped file's is {value!r}"
              for key, value in expected.items() if recorded.get(key) != value]
     if recorded.get("onnx_sha256") != sha256(model):
@@ -66,15 +66,16 @@ def sidecar_problems(model: Path, sidecar: Path, export_args: list[str],
     return found
 
 
-def export_with_sidecar(model: Path, sidecar: Path, export_args: list[str], command: str) -> None:
-    """``scsonet export`` of the shipped weights into ``model``, then its sidecar of hashes."""
+def export_with_sidecar(model: Path, sidecar: Path, export_args: list[str], command: str,
+                        weights: str = WEIGHTS) -> None:
+    """``scsonet export`` of the shipped ``weights`` into ``model``, then its sidecar of hashes."""
     from scsonet._io import write_json_atomic
 
     model.parent.mkdir(parents=True, exist_ok=True)
     scsonet = Path(sys.executable).with_name("scsonet")
-    subprocess.run([str(scsonet), "export", "--weights", WEIGHTS, "--format", "onnx", *export_args,
+    subprocess.run([str(scsonet), "export", "--weights", weights, "--format", "onnx", *export_args,
                     "--out", str(model)], check=True)
-    write_json_atomic(sidecar, {**sources(), "onnx_sha256": sha256(model), "export_args": export_args,
+    write_json_atomic(sidecar, {**sources(weights), "onnx_sha256": sha256(model), "export_args": export_args,
                                 "command": command})
 
 

@@ -38,16 +38,29 @@ def _same_state(a: nn.Module, b: nn.Module) -> bool:
 
 def test_every_name_form_loads_the_same_weights():
     ref = load_pretrained(NAME).model
-    forms = [SCSONet_Weights.ISIC2017_V1, SCSONet_Weights.DEFAULT, "ISIC2017_V1", "DEFAULT", NAME,
-             "SCSONet_Weights.ISIC2017_V1"]
+    forms = [SCSONet_Weights.DEFAULT, "DEFAULT", NAME, "SCSONet_Weights.DEFAULT"]
     for form in forms:
         assert _same_state(create_model("scsonet", weights=form), ref), form
     assert not _same_state(create_model("scsonet"), ref)  # the comparison can fail
 
 
+def test_each_version_has_its_own_name_and_the_default_has_the_short_one():
+    names = declared_weights()
+    for member in SCSONet_Weights:
+        assert names[member.versioned_name] is member
+        version = member.name.rsplit("_", 1)[1]
+        assert _same_state(create_model("scsonet", weights=member.versioned_name),
+                           create_model("scsonet", weights=member.name)), version
+        assert member.versioned_name == f"scsonet-isic2017-{version.lower()}"
+    assert names[NAME] is SCSONet_Weights.DEFAULT and SCSONet_Weights.DEFAULT.pretrained_name == NAME
+    others = [m for m in SCSONet_Weights if m is not SCSONet_Weights.DEFAULT]
+    assert all(m.pretrained_name == m.versioned_name for m in others)
+    assert names["malunet-isic2017-v1"] is names["malunet-isic2017"]
+
+
 def test_unknown_or_foreign_weights_name_the_valid_ones():
     with pytest.raises(ScsonetError, match=r"unknown weights 'imagenet' for scsonet; choose from "
-                                           r"ISIC2017_V1, DEFAULT, scsonet-isic2017$"):
+                                           r"ISIC2017_V1, .*DEFAULT, scsonet-isic2017, scsonet-isic2017-v1"):
         create_model("scsonet", weights="imagenet")
     with pytest.raises(ScsonetError, match="'malunet-isic2017' are for malunet, not scsonet"):
         create_model("scsonet", weights="malunet-isic2017")
@@ -133,7 +146,7 @@ def test_each_architectures_layer_names_adapt_its_weights(fake_installed):
         assert get_model_weights(arch) is type(member)
         assert _same_state(create_model(arch, weights=name), create_model(arch, weights=member))
         _check_adaptation(arch, name)
-        with pytest.raises(ScsonetError, match=f"{name} has 1 class \\(lesion\\); num_classes=3"):
+        with pytest.raises(ScsonetError, match=f"{member.pretrained_name} has 1 class \\(lesion\\); num_classes=3"):
             create_model(arch, weights=name, num_classes=3)
         out = create_model(arch, weights=name, num_classes=3, reset_head=True).eval()(torch.rand(1, 3, 32, 32))
         assert out.shape == (1, 3, 32, 32)
@@ -182,16 +195,28 @@ def test_listing_of_pretrained_weights(capsys):
     assert scsonet.list_pretrained is list_pretrained and "list_pretrained" in dir(scsonet)
     installed, declared = list_pretrained(), list_pretrained(include_missing=True)
     assert NAME in installed and set(installed) <= set(declared) == set(declared_weights())
-    assert list_pretrained("scsonet*") == [NAME]
+    assert list_pretrained("scsonet*") == sorted([NAME, *(m.versioned_name for m in SCSONet_Weights)])
     assert main(["weights", "list", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [r["name"] for r in rows] == declared
     assert {r["name"] for r in rows if r["installed"]} == set(installed)
     row = next(r for r in rows if r["name"] == NAME)
-    assert row["weights"] == "SCSONet_Weights.ISIC2017_V1" and row["model"] == "scsonet"
+    assert row["weights"] == f"SCSONet_Weights.{SCSONet_Weights.DEFAULT.name}" and row["model"] == "scsonet"
     assert row["dsc"] == SCSONet_Weights.DEFAULT.meta["_metrics"]["ISIC2017-test"]["pooled"]["dsc"]
     assert main(["weights", "list"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["name", "model", "weights", "installed", "test", "DSC"]
     line = next(line for line in lines if line.startswith(NAME))
     assert f"{100 * row['dsc']:.2f} % (ISIC2017-test)" in line and " yes " in line
+
+
+def test_the_torch_free_names_of_the_shipped_onnx_models_match_the_weights_enum():
+    """scsonet.inference spells the shipped versions out (it must not import torch): they agree."""
+    from scsonet.inference import DEFAULT_VERSION, SHIPPED_ONNX, SHIPPED_VERSIONS
+
+    names = declared_weights()
+    assert DEFAULT_VERSION == {NAME: SCSONet_Weights.DEFAULT.versioned_name}
+    for name, onnx in SHIPPED_ONNX.items():
+        assert names[name].path.with_suffix(".onnx").name == onnx, name
+    installed = {m.versioned_name for m in SCSONet_Weights if m.value.installed}
+    assert set(SHIPPED_VERSIONS) == installed  # every shipped version has its ONNX export

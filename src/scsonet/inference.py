@@ -170,9 +170,12 @@ def sample_images() -> list[Path]:
     return sorted(p for p in (_PACKAGE / "samples").iterdir() if is_image_suffix(p.suffix))
 
 
-# Pretrained names -> their ONNX export in scsonet/weights (scripts/shipped_onnx.py builds it), which
-# the base install (no PyTorch) segments with.
-SHIPPED_ONNX = {"scsonet-isic2017": "scsonet_isic2017_v1.onnx"}
+# The base install (no PyTorch) segments with ONNX exports in scsonet/weights, one per shipped
+# version (scripts/shipped_onnx.py builds each). Torch-free, so the names are spelled out here; a
+# test checks them against SCSONet_Weights.
+SHIPPED_VERSIONS = {"scsonet-isic2017-v1": "scsonet_isic2017_v1.onnx"}
+DEFAULT_VERSION = {"scsonet-isic2017": "scsonet-isic2017-v1"}  # the short name -> SCSONet_Weights.DEFAULT's
+SHIPPED_ONNX = {**{short: SHIPPED_VERSIONS[v] for short, v in DEFAULT_VERSION.items()}, **SHIPPED_VERSIONS}
 
 
 def shipped_onnx(name: str) -> Optional[Path]:

@@ -86,9 +86,18 @@ class WeightsEnum(Enum):
         raise ScsonetError(f"unknown weights {obj!r} for {arch}; choose from {', '.join(names)}")
 
     @property
+    def versioned_name(self) -> str:
+        """``<arch>-<dataset>-v<N>`` (``'scsonet-isic2017-v1'``): this version, whichever is the default."""
+        dataset, version = self.name.rsplit("_", 1)
+        return f"{self.value.arch}-{dataset.lower()}-{version.lower()}"
+
+    @property
     def pretrained_name(self) -> str:
-        """``<arch>-<dataset>``, the name ``load_pretrained`` and ``--weights`` take."""
-        return f"{self.value.arch}-{self.name.rsplit('_', 1)[0].lower()}"
+        """The name ``load_pretrained`` and ``--weights`` take: ``<arch>-<dataset>`` for the enum's
+        DEFAULT, the versioned name for every other version."""
+        if self is type(self).DEFAULT:
+            return self.versioned_name.rsplit("-", 1)[0]
+        return self.versioned_name
 
     @property
     def meta(self) -> dict[str, Any]:
@@ -127,14 +136,17 @@ WEIGHTS_ENUMS: tuple[type[WeightsEnum], ...] = (SCSONet_Weights, MALUNet_Weights
 
 
 def declared_weights() -> dict[str, WeightsEnum]:
-    """Every declared weights name (``<arch>-<dataset>``, e.g. ``egeunet-isic2017``) -> its member.
+    """Every declared weights name -> its member: each version's own (``scsonet-isic2017-v1``), and
+    ``<arch>-<dataset>`` (``scsonet-isic2017``) for the enum's DEFAULT.
 
-    Members are declared in upper case DATASET_VERSION; a later version of one dataset takes the name.
+    Members are declared in upper case DATASET_VERSION. Moving DEFAULT to a new version moves the
+    short name to it; the older versions stay loadable by their versioned names.
     """
     names = {}
     for enum in WEIGHTS_ENUMS:
+        names[enum.DEFAULT.pretrained_name] = enum.DEFAULT
         for member in enum:  # iteration skips aliases such as DEFAULT
-            names[member.pretrained_name] = member
+            names[member.versioned_name] = member
     return names
 
 
