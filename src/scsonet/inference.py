@@ -173,7 +173,7 @@ def sample_images() -> list[Path]:
 # The base install (no PyTorch) segments with ONNX exports in scsonet/weights, one per shipped
 # version (scripts/shipped_onnx.py builds each). Torch-free, so the names are spelled out here; a
 # test checks them against SCSONet_Weights.
-SHIPPED_VERSIONS = {"scsonet-isic2017-v1": "scsonet_isic2017_v1.onnx"}
+SHIPPED_VERSIONS = {"scsonet-isic2017-v1": "scsonet_isic2017_v1.onnx", "scsonet-isic2017-v2": "scsonet_isic2017_v2.onnx"}
 DEFAULT_VERSION = {"scsonet-isic2017": "scsonet-isic2017-v1"}  # the short name -> SCSONet_Weights.DEFAULT's
 SHIPPED_ONNX = {**{short: SHIPPED_VERSIONS[v] for short, v in DEFAULT_VERSION.items()}, **SHIPPED_VERSIONS}
 

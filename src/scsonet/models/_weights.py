@@ -114,6 +114,8 @@ class WeightsEnum(Enum):
 
 class SCSONet_Weights(WeightsEnum):
     ISIC2017_V1 = Weights("scsonet_isic2017_v1.safetensors", "scsonet")
+    # Issue 11's robust recipe; not the default until it meets that issue's acceptance (docs/robustness/v5).
+    ISIC2017_V2 = Weights("scsonet_isic2017_v2.safetensors", "scsonet")
     DEFAULT = ISIC2017_V1
 
 
