@@ -65,20 +65,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="only check; exit 1 when any is missing or stale")
     parser.add_argument("--force", action="store_true", help="export even when fresh")
     args = parser.parse_args(argv)
-    if args.check:
-        found = problems()
-        for line in found:
-            print(f"shipped_onnx: stale: {line}; run `.venv/bin/python scripts/shipped_onnx.py`", file=sys.stderr)
-        return 1 if found else 0
+    web = _web_model()
+    status = 0
     for name, model in MODELS.items():
-        if problems(model) or args.force:
-            build(name)
-            left = problems(model)
-            if left:
-                print(f"shipped_onnx: error: {left[0]}", file=sys.stderr)
-                return 2
-        print(f"shipped_onnx: {model.relative_to(ROOT)} is fresh")
-    return 0
+        status = max(status, web.check_or_build(
+            "shipped_onnx", ".venv/bin/python scripts/shipped_onnx.py", model.relative_to(ROOT),
+            lambda model=model: problems(model), lambda name=name: build(name), args.check, args.force))
+        if status == 2:
+            break
+    return status
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT_DIR = ROOT / "web" / "model"
@@ -89,25 +90,34 @@ def build(out_dir: Path = OUT_DIR) -> None:
                         f"scsonet export --weights {WEIGHTS} --format onnx {' '.join(EXPORT_ARGS)}".strip())
 
 
+def check_or_build(tool: str, fix: str, model: Path, problems: Callable[[], list[str]],
+                   build: Callable[[], None], check: bool, force: bool) -> int:
+    """The step both scripts run: with ``check``, report what is stale (exit 1); else rebuild
+    what is stale (or everything with ``force``), 2 when still stale after the build, 0 fresh.
+    Shared with scripts/shipped_onnx.py."""
+    found = problems()
+    if check:
+        for line in found:
+            print(f"{tool}: stale: {line}; run `{fix}`", file=sys.stderr)
+        return 1 if found else 0
+    if found or force:
+        build()
+        left = problems()
+        if left:
+            print(f"{tool}: error: {left[0]}", file=sys.stderr)
+            return 2
+    print(f"{tool}: {model} is fresh")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="only check; exit 1 when missing or stale")
     parser.add_argument("--force", action="store_true", help="export even when fresh")
     parser.add_argument("--out-dir", type=Path, default=OUT_DIR, help="(web/model)")
     args = parser.parse_args(argv)
-    found = problems(args.out_dir)
-    if args.check:
-        for line in found:
-            print(f"web_model: stale: {line}; run `bash scripts/web_model`", file=sys.stderr)
-        return 1 if found else 0
-    if found or args.force:
-        build(args.out_dir)
-        left = problems(args.out_dir)
-        if left:
-            print(f"web_model: error: {left[0]}", file=sys.stderr)
-            return 2
-    print(f"web_model: {args.out_dir / 'scsonet.onnx'} is fresh")
-    return 0
+    return check_or_build("web_model", "bash scripts/web_model", args.out_dir / "scsonet.onnx",
+                          lambda: problems(args.out_dir), lambda: build(args.out_dir), args.check, args.force)
 
 
 if __name__ == "__main__":
