@@ -45,11 +45,11 @@ def sources(name: str = "scsonet-isic2017-v1") -> dict[str, str]:
 
 def problems(model: Path | None = None, expected: dict[str, str] | None = None) -> list[str]:
     """Why a shipped ONNX model (``model``, or each of them) does not match its shipped weights
-    (empty: fresh). ``model`` is checked against v1's weights unless it is one of MODELS."""
+    (empty: fresh). A ``model`` that is not one of MODELS is checked as v1's, by v1's sidecar."""
     web = _web_model()
     if model is not None:
         name = next((n for n, m in MODELS.items() if m == model), "scsonet-isic2017-v1")
-        return web.sidecar_problems(model, sidecar_of(model), EXPORT_ARGS, expected, name)
+        return web.sidecar_problems(model, sidecar_of(MODELS[name]), EXPORT_ARGS, expected, name)
     return [line for name, path in MODELS.items()
             for line in web.sidecar_problems(path, sidecar_of(path), EXPORT_ARGS, expected, name)]
 
