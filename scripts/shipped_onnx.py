@@ -13,6 +13,7 @@ file; the model is stale when any of them differs. Needs the torch extra (it exp
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import sys
 from pathlib import Path
@@ -23,7 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 WEIGHTS_DIR = ROOT / "src" / "scsonet" / "weights"
 MODELS = {name: WEIGHTS_DIR / filename for name, filename in SHIPPED_VERSIONS.items()}
-MODEL = MODELS["scsonet-isic2017-v1"]
+V1 = "scsonet-isic2017-v1"
+MODEL = MODELS[V1]
 EXPORT_ARGS: list[str] = []  # the default export: reparameterised, checked against PyTorch
 
 
@@ -31,6 +33,7 @@ def sidecar_of(model: Path) -> Path:
     return model.with_name(model.name + ".json")
 
 
+@functools.lru_cache(maxsize=None)  # one load of the module, not one per check
 def _web_model():
     """scripts/web_model.py, for its hashes of the weights and of the card's exported fields."""
     spec = importlib.util.spec_from_file_location("web_model", ROOT / "scripts" / "web_model.py")
@@ -39,7 +42,7 @@ def _web_model():
     return module
 
 
-def sources(name: str = "scsonet-isic2017-v1") -> dict[str, str]:
+def sources(name: str = V1) -> dict[str, str]:
     return _web_model().sources(name)  # weights, exported card fields and reliability JSON
 
 
@@ -48,7 +51,7 @@ def problems(model: Path | None = None, expected: dict[str, str] | None = None) 
     (empty: fresh). A ``model`` that is not one of MODELS is checked as v1's, by v1's sidecar."""
     web = _web_model()
     if model is not None:
-        name = next((n for n, m in MODELS.items() if m == model), "scsonet-isic2017-v1")
+        name = next((n for n, m in MODELS.items() if m == model), V1)
         return web.sidecar_problems(model, sidecar_of(MODELS[name]), EXPORT_ARGS, expected, name)
     return [line for name, path in MODELS.items()
             for line in web.sidecar_problems(path, sidecar_of(path), EXPORT_ARGS, expected, name)]
